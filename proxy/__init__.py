@@ -1,0 +1,3 @@
+"""rbac-proxy: a sidecar reverse proxy enforcing role-based access control."""
+
+__version__ = "0.1.0"
