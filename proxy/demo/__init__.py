@@ -1,0 +1,1 @@
+"""Bundled demo dashboard backend (SPEC §10)."""

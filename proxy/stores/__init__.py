@@ -1,0 +1,1 @@
+"""Role store backends and the role cache."""

@@ -1,0 +1,1 @@
+"""The only package that imports aiohttp.web: apps, handlers, forwarding, admin."""
