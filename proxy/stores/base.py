@@ -1,0 +1,37 @@
+"""The role store interface the proxy consumes, and the one error every backend raises."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from proxy.policy.model import Membership
+
+
+class StoreError(Exception):
+    """The store gave no usable answer: unreachable, timed out, or answered garbage.
+
+    Callers fail closed on it (SPEC §2 step 5: 503 store_unavailable), so a backend must
+    never turn a failure into an empty answer: () and None mean "really no membership".
+    """
+
+
+class RoleStore(Protocol):
+    """What the proxy asks a role store (SPEC §6); backends satisfy it structurally."""
+
+    backend: str  # "file" | "postgresql" | "http": the bounded metric label
+
+    async def memberships(self, user: str) -> tuple[Membership, ...]:
+        """Every org the user belongs to; () when the user is a member of nothing."""
+        ...
+
+    async def project_org(self, project: str) -> str | None:
+        """The org that owns the project; None when the project is unknown."""
+        ...
+
+    async def ping(self) -> None:
+        """Return when the store can answer; raise StoreError when it cannot (readyz)."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections; the store is not used afterwards."""
+        ...

@@ -1,0 +1,182 @@
+"""Role cache in front of a RoleStore: TTLs, single-flight misses, stale-on-error, invalidation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar, cast
+
+from cachetools import TTLCache
+
+from proxy.policy.model import Membership
+from proxy.stores.base import RoleStore, StoreError
+
+T = TypeVar("T")
+
+LookupResult = Literal["hit", "miss", "stale", "negative"]
+_Kind = Literal["user", "project"]
+# Users and projects share one bounded cache (one --cache-size) under distinct keys.
+_Key = tuple[_Kind, str]
+
+
+@dataclass(frozen=True, slots=True)
+class Cached(Generic[T]):
+    """A cached answer; stale=True when the store failed and an older answer was served."""
+
+    value: T
+    stale: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    value: object
+    fetched_at: float  # clock() when the store call that produced it started
+
+
+@dataclass(eq=False, slots=True)
+class _Flight:
+    """One running store call shared by every concurrent miss for its key.
+
+    `current` is the key's generation check: an invalidation while the call runs flips it,
+    so the (possibly pre-change) answer is handed to the callers already waiting but is
+    never stored as fresh. A flag on the flight instead of a counter per key keeps nothing
+    behind for keys that are invalidated and never looked up again.
+    """
+
+    task: asyncio.Task[object]
+    current: bool = True
+
+
+class RoleCache:
+    """Answers role-store questions from a bounded TTL cache (SPEC §6)."""
+
+    def __init__(
+        self,
+        store: RoleStore,
+        *,
+        ttl: float = 30,
+        negative_ttl: float = 5,
+        stale_ttl: float = 300,
+        maxsize: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+        on_lookup: Callable[[str], None] | None = None,
+    ) -> None:
+        if min(ttl, negative_ttl, stale_ttl) < 0:
+            raise ValueError("cache TTLs must not be negative")
+        if maxsize < 1:
+            raise ValueError("cache size must be at least 1")
+        self._store = store
+        self._ttl = ttl
+        self._negative_ttl = negative_ttl
+        self._stale_ttl = stale_ttl
+        self._clock = clock
+        self._on_lookup = on_lookup
+        # Entries are kept as long as any use remains (fresh or stale fallback); freshness
+        # is then judged per entry from fetched_at, positive and negative answers apart.
+        self._cache: TTLCache[_Key, _Entry] = TTLCache(
+            maxsize=maxsize, ttl=max(ttl, negative_ttl, stale_ttl), timer=clock
+        )
+        self._inflight: dict[_Key, _Flight] = {}
+
+    async def memberships(self, user: str) -> Cached[tuple[Membership, ...]]:
+        """The user's memberships; raises StoreError when neither store nor cache can answer."""
+        return await self._lookup(("user", user), lambda: self._store.memberships(user), _empty)
+
+    async def project_org(self, project: str) -> Cached[str | None]:
+        """The project's org; raises StoreError when neither store nor cache can answer."""
+        return await self._lookup(
+            ("project", project), lambda: self._store.project_org(project), _is_none
+        )
+
+    def invalidate(self, user: str | None = None) -> int:
+        """Drop one user's memberships (or everything, for None); returns entries dropped."""
+        if user is None:
+            self._cache.expire()
+            dropped = len(self._cache)
+            self._cache.clear()
+            flights = list(self._inflight.values())
+            self._inflight.clear()
+        else:
+            key: _Key = ("user", user)
+            dropped = 0 if self._cache.pop(key, None) is None else 1
+            flight = self._inflight.pop(key, None)
+            flights = [] if flight is None else [flight]
+        # Lookups that start from now on must ask the store again, and the calls already
+        # running may carry the answer from before the change: never store those.
+        for flight in flights:
+            flight.current = False
+        return dropped
+
+    def __len__(self) -> int:
+        self._cache.expire()
+        return len(self._cache)
+
+    async def _lookup(
+        self, key: _Key, fetch: Callable[[], Awaitable[T]], negative: Callable[[T], bool]
+    ) -> Cached[T]:
+        entry = self._cache.get(key)
+        if entry is not None:
+            value = cast(T, entry.value)
+            is_negative = negative(value)
+            fresh_for = self._negative_ttl if is_negative else self._ttl
+            if self._clock() - entry.fetched_at < fresh_for:
+                self._report("negative" if is_negative else "hit")
+                return Cached(value, stale=False)
+        flight = self._inflight.get(key)
+        if flight is None:
+            flight = self._start(key, fetch)
+        try:
+            # shield: a caller that is cancelled (client gone) must not cancel the store
+            # call that other callers of the same key are waiting for.
+            fetched = cast(T, await asyncio.shield(flight.task))
+        except (StoreError, TimeoutError) as exc:
+            # Re-read: an invalidation during the call means the old entry must not be served.
+            # Windows are half-open like the TTLs: usable while age < stale_ttl.
+            entry = self._cache.get(key)
+            if entry is not None and self._clock() - entry.fetched_at < self._stale_ttl:
+                self._report("stale")
+                return Cached(cast(T, entry.value), stale=True)
+            self._report("miss")
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"role store timed out ({self._store.backend})") from exc
+        self._report("miss")
+        return Cached(fetched, stale=False)
+
+    def _start(self, key: _Key, fetch: Callable[[], Awaitable[T]]) -> _Flight:
+        started = self._clock()
+
+        async def run() -> object:
+            value = await fetch()
+            # No await between here and the store: an invalidation is seen or not, atomically.
+            if flight.current:
+                self._cache[key] = _Entry(value, started)
+            return value
+
+        flight = _Flight(asyncio.create_task(run()))
+        self._inflight[key] = flight
+
+        def finished(task: asyncio.Task[object]) -> None:
+            if self._inflight.get(key) is flight:
+                del self._inflight[key]
+            if not task.cancelled():
+                # Mark the error retrieved: when every waiter was cancelled nobody else will,
+                # and asyncio would log "exception was never retrieved". Errors are not cached.
+                task.exception()
+
+        flight.task.add_done_callback(finished)
+        return flight
+
+    def _report(self, result: LookupResult) -> None:
+        if self._on_lookup is not None:
+            self._on_lookup(result)
+
+
+def _empty(value: tuple[Membership, ...]) -> bool:
+    return not value
+
+
+def _is_none(value: str | None) -> bool:
+    return value is None
