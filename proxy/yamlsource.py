@@ -38,7 +38,8 @@ def _convert(node: yaml.Node, source: str, key_line: int) -> Node:
             if not isinstance(key_node, yaml.ScalarNode):
                 raise PolicyError([Problem(source, kline, "mapping keys must be plain strings")])
             if key_node.tag == "tag:yaml.org,2002:merge":
-                raise PolicyError([Problem(source, kline, "YAML merge keys (<<) are not supported")])
+                message = "YAML merge keys (<<) are not supported"
+                raise PolicyError([Problem(source, kline, message)])
             key = str(key_node.value)
             if key in out:
                 # PyYAML silently keeps the last duplicate; a config must not.

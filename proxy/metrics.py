@@ -1,0 +1,144 @@
+"""Every Prometheus metric of SPEC §9, built against an injected registry."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from proxy import __version__
+from proxy.policy.model import Reason
+
+# Decisions are sub-millisecond; requests and upstream calls span ms to tens of seconds.
+DECISION_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05,
+)  # fmt: skip
+REQUEST_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)  # fmt: skip
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+# Methods outside this set are counted as "OTHER" so hostile traffic cannot grow label sets.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+NO_ROUTE_LABEL = "(none)"  # route label when no route matched (never the raw path)
+
+
+class Metrics:
+    """The metric catalogue. One instance per registry; tests build as many as they like."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            "rbac_proxy_requests",
+            "Requests by route template, method, decision, reason and status code.",
+            ["route", "method", "decision", "reason", "code"],
+            registry=registry,
+        )
+        self.request_duration = Histogram(
+            "rbac_proxy_request_duration_seconds",
+            "Time from request received to response finished, by route template.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.decision_duration = Histogram(
+            "rbac_proxy_decision_duration_seconds",
+            "Time spent deciding (canonicalize, match, authenticate, resolve, decide).",
+            buckets=DECISION_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "rbac_proxy_upstream_duration_seconds",
+            "Time from sending upstream to the upstream's response headers.",
+            ["route"],
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "rbac_proxy_upstream_errors",
+            "Upstream failures by kind (connect, timeout, disconnect).",
+            ["kind"],
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "rbac_proxy_role_cache_requests",
+            "Role cache lookups by result.",
+            ["result"],
+            registry=registry,
+        )
+        self.cache_entries = Gauge(
+            "rbac_proxy_role_cache_entries",
+            "Entries in the role cache.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.store_duration = Histogram(
+            "rbac_proxy_role_store_duration_seconds",
+            "Role store call latency by backend.",
+            ["backend"],
+            buckets=STORE_BUCKETS,
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "rbac_proxy_role_store_errors",
+            "Role store failures by backend.",
+            ["backend"],
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "rbac_proxy_config_reloads",
+            "Configuration reload attempts by file and result.",
+            ["file", "result"],
+            registry=registry,
+        )
+        self.config_last_success = Gauge(
+            "rbac_proxy_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful load of each file.",
+            ["file"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.config_routes = Gauge(
+            "rbac_proxy_config_routes",
+            "Routes in the active table.",
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.inflight = Gauge(
+            "rbac_proxy_inflight_requests",
+            "Requests being handled.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.build_info = Gauge(
+            "rbac_proxy_build_info",
+            "Build information.",
+            ["version"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__).set(1)
+        for result in ("hit", "miss", "stale", "negative"):
+            self.cache_requests.labels(result)
+        for kind in ("connect", "timeout", "disconnect"):
+            self.upstream_errors.labels(kind)
+        # Pre-bound children: the hot path looks up a tuple in a dict, not labels() each time.
+        self._request_children: dict[tuple[str, str, str, str, int], Counter] = {}
+        self._duration_children: dict[str, Histogram] = {}
+
+    def count_request(
+        self, route: str, method: str, decision: str, reason: Reason, code: int, seconds: float
+    ) -> None:
+        method = method if method in KNOWN_METHODS else "OTHER"
+        key = (route, method, decision, reason.value, code)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(route, method, decision, reason.value, str(code))
+            self._request_children[key] = child
+        child.inc()
+        hist = self._duration_children.get(route)
+        if hist is None:
+            hist = self.request_duration.labels(route)
+            self._duration_children[route] = hist
+        hist.observe(seconds)

@@ -1,0 +1,110 @@
+"""The admin listener: metrics, probes, reload and cache invalidation (SPEC §9)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("rbac_proxy.admin")
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+RELOAD = web.AppKey[Callable[[], dict[str, str]]]("reload")
+TOKEN: web.AppKey[str | None] = web.AppKey("token", str)
+METRICS_TEXT = web.AppKey[Callable[[], bytes]]("metrics_text")
+
+
+def make_admin_app(
+    runtime: Runtime,
+    *,
+    reload: Callable[[], dict[str, str]],
+    token: str | None,
+    metrics_text: Callable[[], bytes] | None = None,
+) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app[RELOAD] = reload
+    app[TOKEN] = token or None
+    app[METRICS_TEXT] = metrics_text or (lambda: generate_latest(runtime.metrics.registry))
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_post("/admin/reload", _reload)
+    app.router.add_post("/admin/cache/invalidate", _invalidate)
+    return app
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    rt.metrics.cache_entries.set(len(rt.cache))
+    resp = web.Response(body=request.app[METRICS_TEXT]())
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    problems: list[str] = []
+    if rt.draining:
+        problems.append("draining")
+    try:
+        await rt.store.ping()
+    except Exception as exc:  # any failure means "not ready"; the reason is reported
+        problems.append(f"role store unreachable: {type(exc).__name__}")
+    if problems:
+        return web.json_response({"status": "unavailable", "problems": problems}, status=503)
+    return web.json_response({"status": "ready", "routes": len(rt.routes.policy.routes)})
+
+
+def _authorized(request: web.Request) -> web.Response | None:
+    token = request.app[TOKEN]
+    if token is None:
+        # Off unless RBAC_PROXY_ADMIN_TOKEN is set (SPEC §9).
+        return web.json_response({"error": "admin API disabled"}, status=404)
+    sent = request.headers.get("Authorization", "")
+    expected = f"Bearer {token}"
+    # Constant-time comparison: the admin token must not leak through timing.
+    if not hmac.compare_digest(sent.encode(), expected.encode()):
+        return web.json_response(
+            {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+        )
+    return None
+
+
+async def _reload(request: web.Request) -> web.Response:
+    denied = _authorized(request)
+    if denied is not None:
+        return denied
+    result = request.app[RELOAD]()
+    status = 200 if all(v != "failure" for v in result.values()) else 422
+    return web.json_response(result, status=status)
+
+
+async def _invalidate(request: web.Request) -> web.Response:
+    denied = _authorized(request)
+    if denied is not None:
+        return denied
+    try:
+        raw = await request.content.read(64 * 1024 + 1)
+        body = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        return web.json_response({"error": "body must be JSON"}, status=400)
+    if not isinstance(body, dict) or not set(body) <= {"user"}:
+        return web.json_response({"error": 'expected {"user": "ID"} or {}'}, status=400)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        return web.json_response({"error": "user must be a string"}, status=400)
+    rt = request.app[RUNTIME]
+    dropped = rt.cache.invalidate(user)
+    log.info("cache invalidated: user=%s dropped=%d", user or "*", dropped)
+    return web.json_response({"invalidated": user or "*", "entries": dropped})

@@ -1,0 +1,300 @@
+"""Streams an authorized request to the upstream and the answer back (HTTP and WebSocket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, web
+from aiohttp.client_exceptions import (
+    ClientConnectionError,
+    ClientConnectorError,
+    ClientError,
+    ClientResponseError,
+    ServerDisconnectedError,
+    WSServerHandshakeError,
+)
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+# RFC 9110 §7.6.1: connection-specific fields never cross a proxy; plus the legacy
+# Proxy-Connection and Keep-Alive, and Proxy-Authorization meant for us, not the backend.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "expect",  # we answer 100-continue ourselves after authorizing
+    }
+)
+# Rewrite/override headers that let a client make the backend route or dispatch differently
+# from what we authorized (path confusion à la CVE-2018-14773 Symfony X-Original-URL, and
+# method override smuggling).
+ALWAYS_STRIPPED = frozenset(
+    {
+        "x-original-url",
+        "x-rewrite-url",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    }
+)
+CHUNK = 64 * 1024
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached (`kind` = connect) or did not answer (timeout)."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+def normalize(name: str) -> str:
+    """Header identity as backends see it: case-insensitive, and `_` read as `-` (CGI/WSGI)."""
+    return name.lower().replace("_", "-")
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderPolicy:
+    """What to strip and inject; built once from Settings."""
+
+    stripped: frozenset[str]  # normalized names removed from every client request
+    user: str
+    org: str
+    role: str
+    permission: str
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Injected:
+    user: str | None
+    org: str | None
+    role: str | None
+    permission: str | None
+    request_id: str
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    policy: HeaderPolicy,
+    injected: Injected,
+    *,
+    peer: str | None,
+    peer_trusted: bool,
+    scheme: str,
+) -> CIMultiDict[str]:
+    """The headers sent upstream: client headers minus hop-by-hop and spoofable ones."""
+    named_by_connection = {
+        normalize(token.strip())
+        for value in incoming.getall("Connection", ())
+        for token in value.split(",")
+        if token.strip()
+    }
+    out: CIMultiDict[str] = CIMultiDict()
+    xff: list[str] = []
+    xf_proto: str | None = None
+    xf_host: str | None = None
+    for name, value in incoming.items():
+        key = normalize(name)
+        if key in policy.stripped or key in HOP_BY_HOP or key in named_by_connection:
+            continue
+        if key == "forwarded" or key.startswith("x-forwarded-"):
+            # Only a trusted proxy in front of us may speak for the original client.
+            if peer_trusted:
+                if key == "x-forwarded-for":
+                    xff.append(value)
+                elif key == "x-forwarded-proto":
+                    xf_proto = value
+                elif key == "x-forwarded-host":
+                    xf_host = value
+                else:
+                    out.add(name, value)
+            continue
+        out.add(name, value)
+    if peer is not None:
+        xff.append(peer)
+    if xff:
+        out["X-Forwarded-For"] = ", ".join(xff)
+    out["X-Forwarded-Proto"] = xf_proto or scheme
+    host = xf_host or incoming.get("Host")
+    if host:
+        out["X-Forwarded-Host"] = host
+    if injected.user is not None:
+        out[policy.user] = injected.user
+    if injected.org is not None:
+        out[policy.org] = injected.org
+    if injected.role is not None:
+        out[policy.role] = injected.role
+    if injected.permission is not None:
+        out[policy.permission] = injected.permission
+    out[policy.request_id] = injected.request_id
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) -> None:
+    named = {normalize(t.strip()) for v in upstream.getall("Connection", ()) for t in v.split(",")}
+    for name, value in upstream.items():
+        key = normalize(name)
+        if key in HOP_BY_HOP or key in named:
+            continue
+        into.add(name, value)
+
+
+async def _body(request: web.BaseRequest) -> AsyncIterator[bytes]:
+    # Stream the client's body: never request.read() (a 1 GiB upload stays in bounded memory).
+    async for chunk in request.content.iter_chunked(CHUNK):
+        yield chunk
+
+
+async def forward_http(
+    request: web.BaseRequest,
+    session: ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    *,
+    upstream_timeout: float,
+    extra_response_headers: Iterable[tuple[str, str]],
+) -> tuple[web.StreamResponse, float]:
+    """Send upstream and stream the answer back. Returns the response and time-to-headers.
+
+    Raises UpstreamError before anything was sent to the client; after that, failures abort
+    the client connection (the status line is already out).
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    data = _body(request) if request.body_exists else None
+    try:
+        # The timeout covers only the wait for response headers: a long download or a
+        # Server-Sent Events stream may legitimately last longer.
+        async with asyncio.timeout(upstream_timeout):
+            upstream = await session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=data,
+                allow_redirects=False,
+                compress=None,
+                skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+            )
+    except TimeoutError:
+        raise UpstreamError("timeout", "upstream did not answer in time") from None
+    except (ClientConnectorError, ServerDisconnectedError, ClientConnectionError) as exc:
+        raise UpstreamError("connect", f"upstream unavailable: {type(exc).__name__}") from None
+    except (ClientResponseError, ClientError) as exc:
+        raise UpstreamError("connect", f"upstream error: {type(exc).__name__}") from None
+    to_headers = loop.time() - started
+    try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response_headers(upstream.headers, response.headers)
+        for name, value in extra_response_headers:
+            response.headers[name] = value
+        if "Content-Length" not in upstream.headers and request.method != "HEAD":
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        if request.method != "HEAD" and upstream.status not in (204, 304):
+            async for chunk in upstream.content.iter_any():
+                await response.write(chunk)
+        await response.write_eof()
+    except (ClientError, ConnectionError, asyncio.IncompleteReadError):
+        # Mid-stream failure on either side: the status line is out, so the only honest
+        # signal left is to cut the client connection (and drop the upstream one).
+        upstream.close()
+        if request.transport is not None:
+            request.transport.close()
+        raise
+    finally:
+        upstream.release()
+    return response, to_headers
+
+
+async def forward_websocket(
+    request: web.BaseRequest,
+    session: ClientSession,
+    url: URL,
+    headers: CIMultiDict[str],
+    *,
+    upstream_timeout: float,
+    extra_response_headers: Iterable[tuple[str, str]],
+) -> tuple[web.StreamResponse, float]:
+    """Bridge a WebSocket: handshake upstream first (so a refusal is a clean 502), then pump."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for name in list(headers):
+        if normalize(name).startswith("sec-websocket-"):
+            del headers[name]
+    protocols = [
+        p.strip()
+        for v in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for p in v.split(",")
+        if p.strip()
+    ]
+    try:
+        async with asyncio.timeout(upstream_timeout):
+            upstream = await session.ws_connect(
+                url, headers=headers, protocols=protocols, autoclose=False, autoping=True
+            )
+    except TimeoutError:
+        raise UpstreamError("timeout", "upstream did not answer in time") from None
+    except (WSServerHandshakeError, ClientError) as exc:
+        raise UpstreamError(
+            "connect", f"upstream WebSocket refused: {type(exc).__name__}"
+        ) from None
+    to_headers = loop.time() - started
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (),
+        autoclose=False,
+        autoping=True,
+    )
+    for name, value in extra_response_headers:
+        client.headers[name] = value
+    try:
+        await client.prepare(request)
+        await _bridge(client, upstream)
+    finally:
+        await upstream.close()
+    return client, to_headers
+
+
+async def _bridge(client: web.WebSocketResponse, upstream: ClientWebSocketResponse) -> None:
+    async def pump(
+        src: web.WebSocketResponse | ClientWebSocketResponse,
+        dst: web.WebSocketResponse | ClientWebSocketResponse,
+    ) -> None:
+        async for msg in src:
+            if msg.type is WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type is WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                break
+        # src closed: pass its close code on (RFC 6455 §7.4), then finish our side.
+        code = src.close_code if src.close_code is not None else 1000
+        with contextlib.suppress(Exception):
+            await dst.close(code=code)
+        with contextlib.suppress(Exception):
+            await src.close(code=code)
+
+    tasks = [
+        asyncio.create_task(pump(client, upstream)),
+        asyncio.create_task(pump(upstream, client)),
+    ]
+    try:
+        _done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            await asyncio.wait_for(asyncio.shield(task), timeout=5)
+    except TimeoutError:
+        pass
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

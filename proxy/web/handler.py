@@ -1,0 +1,387 @@
+"""The proxy port pipeline: canonicalize, match, authenticate, resolve, decide, forward."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from yarl import URL
+
+from proxy.audit import AuditRecord
+from proxy.identity import AuthError
+from proxy.metrics import NO_ROUTE_LABEL
+from proxy.policy.canonical import canonicalize
+from proxy.policy.decide import (
+    authorize,
+    deny_unauthenticated,
+    pick_org,
+    resolve_org_role,
+    resolve_project_role,
+    route_request,
+)
+from proxy.policy.model import (
+    ERROR_WORD,
+    BadTarget,
+    Decision,
+    Identity,
+    Membership,
+    Policy,
+    Reason,
+    RouteMatch,
+    Target,
+)
+from proxy.stores.base import StoreError
+from proxy.web.forward import (
+    Injected,
+    UpstreamError,
+    forward_http,
+    forward_websocket,
+    upstream_headers,
+)
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("rbac_proxy.proxy")
+
+# A client-supplied request id is echoed only when it is short and harmless (no header or
+# log injection); anything else is replaced by a fresh one.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+STORE_RETRY_AFTER = "5"
+_JSON = "application/json"
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the audit line and metrics need once the response is finished."""
+
+    decision: Decision
+    identity: Identity | None = None
+    stale: bool = False
+    status: int = 0
+
+
+class ProxyHandler:
+    """The low-level aiohttp handler of the proxy port (no router: we match ourselves)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        rt = self.rt
+        started = time.perf_counter()
+        rid_header = rt.settings.request_id_header
+        client_rid = request.headers.get(rid_header)
+        rid = (
+            client_rid
+            if client_rid is not None and _REQUEST_ID.fullmatch(client_rid)
+            else os.urandom(16).hex()
+        )
+        rt.inflight += 1
+        rt.metrics.inflight.inc()
+        outcome: _Outcome | None = None
+        path = "-"
+        try:
+            policy = rt.routes.policy  # read once: a reload mid-request cannot mix tables
+            try:
+                target = canonicalize(request.raw_path, allow_semicolons=policy.allow_semicolons)
+            except BadTarget as exc:
+                outcome = _Outcome(Decision(Reason.BAD_REQUEST, False, message=exc.message))
+                return self._reject(outcome, rid)
+            path = target.path
+            if rt.draining:
+                resp = _json_error(503, "draining", rid, rid_header, "shutting down")
+                resp.headers["Connection"] = "close"
+                return resp
+            if target.segments == ("_rbac", "me"):
+                return await self._me(request, policy, rid)
+            outcome = await self._decide(request, policy, target)
+            if not outcome.decision.forward:
+                return self._reject(outcome, rid)
+            return await self._forward(request, target, outcome, rid)
+        finally:
+            rt.inflight -= 1
+            rt.metrics.inflight.dec()
+            if outcome is not None:
+                self._record(request, outcome, rid, path, time.perf_counter() - started)
+
+    async def _decide(self, request: web.BaseRequest, policy: Policy, target: Target) -> _Outcome:
+        rt = self.rt
+        t0 = time.perf_counter()
+        upgrades = request.headers.getall("Upgrade", ())
+        if len(upgrades) > 1:
+            return _Outcome(Decision(Reason.BAD_REQUEST, False, message="repeated Upgrade header"))
+        routed = route_request(policy, request.method, target, upgrades[0] if upgrades else None)
+        if isinstance(routed, Decision):
+            rt.metrics.decision_duration.observe(time.perf_counter() - t0)
+            return _Outcome(routed)
+        try:
+            identity = await rt.authenticator.authenticate(
+                request.headers, _peer(request), request.cookies
+            )
+        except AuthError as exc:
+            decision = deny_unauthenticated(policy, routed, exc.reason, exc.message)
+            rt.metrics.decision_duration.observe(time.perf_counter() - t0)
+            return _Outcome(decision)
+        try:
+            memberships, project_org, stale = await self._resolve(routed, identity)
+        except StoreError as exc:
+            log.warning("role store unavailable: %s", exc)
+            decision = Decision(
+                Reason.STORE_UNAVAILABLE,
+                False,
+                route=routed.route,
+                permission=routed.route.permission,
+                message="role store unavailable",
+            )
+            return _Outcome(decision, identity)
+        decision = authorize(
+            policy,
+            routed,
+            identity,
+            memberships,
+            project_org,
+            org_hint_name=rt.settings.org_header if rt.settings.auth == "header" else "org claim",
+        )
+        rt.metrics.decision_duration.observe(time.perf_counter() - t0)
+        return _Outcome(decision, identity, stale)
+
+    async def _resolve(
+        self, match: RouteMatch, identity: Identity
+    ) -> tuple[tuple[Membership, ...], str | None, bool]:
+        cache = self.rt.cache
+        route = match.route
+        project = match.params.get(route.project_param) if route.project_param else None
+        try:
+            async with asyncio.timeout(self.rt.settings.store_timeout):
+                found = await cache.memberships(identity.user)
+                if project is None or not found.value:
+                    return found.value, None, found.stale
+                owner = await cache.project_org(project)
+        except TimeoutError:
+            raise StoreError("role store timed out") from None
+        return found.value, owner.value, found.stale or owner.stale
+
+    async def _forward(
+        self, request: web.BaseRequest, target: Target, outcome: _Outcome, rid: str
+    ) -> web.StreamResponse:
+        rt = self.rt
+        decision = outcome.decision
+        identity = outcome.identity
+        peer = _peer(request)
+        headers = upstream_headers(
+            request.headers,
+            rt.headers,
+            Injected(
+                user=identity.user
+                if identity is not None and decision.reason is Reason.ALLOWED
+                else None,
+                org=decision.org if decision.reason is Reason.ALLOWED else None,
+                role=decision.role if decision.reason is Reason.ALLOWED else None,
+                permission=decision.permission if decision.reason is Reason.ALLOWED else None,
+                request_id=rid,
+            ),
+            peer=peer,
+            peer_trusted=rt.trusted.contains(peer),
+            scheme=request.scheme,
+        )
+        url = URL.build(
+            scheme=rt.upstream.scheme,
+            host=rt.upstream.raw_host or "",
+            port=rt.upstream.explicit_port,
+            path=target.path,
+            query_string=target.query,
+            encoded=True,  # the canonical path is already encoded: no re-normalization
+        )
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
+            # Authorized: now let the client send its body (RFC 9110 §10.1.1).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        session = rt.session
+        assert session is not None, "runtime started without an upstream session"
+        extra = ((rt.settings.request_id_header, rid),)
+        route_label = decision.route.template if decision.route else NO_ROUTE_LABEL
+        forward = forward_websocket if request.headers.get("Upgrade") else forward_http
+        try:
+            response, to_headers = await forward(
+                request,
+                session,
+                url,
+                headers,
+                upstream_timeout=rt.settings.upstream_timeout,
+                extra_response_headers=extra,
+            )
+        except UpstreamError as exc:
+            rt.metrics.upstream_errors.labels(exc.kind).inc()
+            reason = (
+                Reason.UPSTREAM_TIMEOUT if exc.kind == "timeout" else Reason.UPSTREAM_UNAVAILABLE
+            )
+            outcome.decision = Decision(
+                reason,
+                False,
+                route=decision.route,
+                permission=decision.permission,
+                org=decision.org,
+                project=decision.project,
+                role=decision.role,
+                message=str(exc),
+            )
+            return self._reject(outcome, rid)
+        except (ConnectionError, asyncio.CancelledError):
+            rt.metrics.upstream_errors.labels("disconnect").inc()
+            outcome.status = 499  # nginx's "client closed request", for the audit line only
+            raise
+        rt.metrics.upstream_duration.labels(route_label).observe(to_headers)
+        outcome.status = response.status
+        return response
+
+    def _reject(self, outcome: _Outcome, rid: str) -> web.Response:
+        decision = outcome.decision
+        status = decision.status
+        outcome.status = status
+        body: dict[str, object] = {
+            "error": ERROR_WORD.get(status, "error"),
+            "reason": decision.reason.value,
+        }
+        if decision.permission is not None:
+            body["permission"] = decision.permission
+        if decision.message:
+            body["message"] = decision.message
+        body["request_id"] = rid
+        resp = web.Response(status=status, text=json.dumps(body), content_type=_JSON)
+        resp.headers[self.rt.settings.request_id_header] = rid
+        if status == 401:
+            resp.headers["WWW-Authenticate"] = self._challenge(decision)
+        elif decision.reason is Reason.STORE_UNAVAILABLE:
+            resp.headers["Retry-After"] = STORE_RETRY_AFTER
+        return resp
+
+    def _challenge(self, decision: Decision) -> str:
+        scheme = self.rt.authenticator.scheme
+        if scheme is None:
+            # RFC 9110 §11.6.1: a 401 must carry a challenge; header mode has no standard one.
+            return f'TrustedHeader realm="rbac-proxy", header="{self.rt.settings.user_header}"'
+        if decision.reason is Reason.INVALID_CREDENTIALS:
+            # RFC 6750 §3: error="invalid_token"; the description is a fixed, token-free text.
+            detail = decision.message.replace('"', "'")
+            return (
+                f'{scheme} realm="rbac-proxy", error="invalid_token", error_description="{detail}"'
+            )
+        return f'{scheme} realm="rbac-proxy"'
+
+    async def _me(self, request: web.BaseRequest, policy: Policy, rid: str) -> web.Response:
+        """GET /_rbac/me[?project=ID]: what the caller may do, for the UI (never forwarded)."""
+        rt = self.rt
+        hdr = rt.settings.request_id_header
+        if request.method not in ("GET", "HEAD"):
+            return _json_error(405, "bad_request", rid, hdr, "use GET")
+        try:
+            identity = await rt.authenticator.authenticate(
+                request.headers, _peer(request), request.cookies
+            )
+        except AuthError as exc:
+            resp = _json_error(401, exc.reason.value, rid, hdr, exc.message)
+            resp.headers["WWW-Authenticate"] = self._challenge(
+                Decision(exc.reason, False, message=exc.message)
+            )
+            return resp
+        project = request.query.get("project")
+        try:
+            async with asyncio.timeout(rt.settings.store_timeout):
+                memberships = (await rt.cache.memberships(identity.user)).value
+                owner = (await rt.cache.project_org(project)).value if project else None
+        except (StoreError, TimeoutError):
+            resp = _json_error(
+                503, Reason.STORE_UNAVAILABLE.value, rid, hdr, "role store unavailable"
+            )
+            resp.headers["Retry-After"] = STORE_RETRY_AFTER
+            return resp
+        body: dict[str, object] = {"user": identity.user, "org": None, "project": project}
+        role: str | None = None
+        reason: Reason | None = None
+        if project is not None:
+            membership = next((m for m in memberships if m.org == owner), None)
+            if owner is None:
+                reason = Reason.UNKNOWN_PROJECT
+            elif membership is None or (identity.org is not None and identity.org != owner):
+                reason = Reason.NOT_A_MEMBER
+            else:
+                body["org"] = owner
+                res = resolve_project_role(policy, membership, project)
+                role, reason = res.role, res.denial
+        else:
+            found = pick_org(memberships, identity.org, rt.settings.org_header)
+            if isinstance(found, str):
+                reason = Reason.NOT_A_MEMBER
+            else:
+                body["org"] = found.org
+                res = resolve_org_role(policy, found)
+                role, reason = res.role, res.denial
+        honoured = reason is None and role is not None and role in policy.roles
+        body["role"] = role if honoured else None
+        body["role_description"] = policy.roles[role].description if honoured and role else None
+        body["permissions"] = sorted(policy.roles[role].granted) if honoured and role else []
+        body["reason"] = (reason or Reason.ALLOWED).value
+        body["orgs"] = [m.org for m in memberships]
+        resp = web.Response(text=json.dumps(body), content_type=_JSON)
+        resp.headers[hdr] = rid
+        resp.headers["Cache-Control"] = "no-store"
+        return resp
+
+    def _record(
+        self, request: web.BaseRequest, outcome: _Outcome, rid: str, path: str, seconds: float
+    ) -> None:
+        rt = self.rt
+        decision = outcome.decision
+        route = decision.route.template if decision.route is not None else NO_ROUTE_LABEL
+        verdict = "allow" if decision.forward else "deny"
+        rt.metrics.count_request(
+            route, request.method, verdict, decision.reason, outcome.status, seconds
+        )
+        if decision.reason is Reason.PUBLIC or not rt.audit.wants(not decision.forward):
+            return
+        identity = outcome.identity
+        rt.audit.write(
+            AuditRecord(
+                request_id=rid,
+                remote=_peer(request),
+                user=identity.user if identity is not None else None,
+                org=decision.org,
+                project=decision.project,
+                method=request.method,
+                path=path,
+                route=decision.route.template if decision.route is not None else None,
+                permission=decision.permission,
+                decision=verdict,
+                reason=decision.reason.value,
+                status=outcome.status,
+                duration_ms=seconds * 1000.0,
+                stale=outcome.stale,
+                shadow_reason=decision.shadow_reason.value if decision.shadow_reason else None,
+            )
+        )
+
+
+def _peer(request: web.BaseRequest) -> str | None:
+    transport = request.transport
+    if transport is None:
+        return None
+    info = transport.get_extra_info("peername")
+    if isinstance(info, tuple) and info:
+        return str(info[0])
+    return None
+
+
+def _json_error(status: int, reason: str, rid: str, rid_header: str, message: str) -> web.Response:
+    body = {
+        "error": ERROR_WORD.get(status, "error"),
+        "reason": reason,
+        "message": message,
+        "request_id": rid,
+    }
+    resp = web.Response(status=status, text=json.dumps(body), content_type=_JSON)
+    resp.headers[rid_header] = rid
+    return resp

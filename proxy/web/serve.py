@@ -1,0 +1,316 @@
+"""Builds a Runtime from Settings and runs the proxy and admin listeners until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
+from prometheus_client import CollectorRegistry
+
+from proxy.audit import AuditLog
+from proxy.config import PolicyHolder
+from proxy.identity import Authenticator, HeaderAuthenticator, JwtAuthenticator, TrustedProxies
+from proxy.metrics import Metrics
+from proxy.policy.model import PolicyError
+from proxy.settings import Settings, SettingsError, parse_hostport, parse_upstream
+from proxy.stores.base import RoleStore
+from proxy.stores.cache import RoleCache
+from proxy.stores.file import FileStore
+from proxy.web.admin import make_admin_app
+from proxy.web.forward import ALWAYS_STRIPPED, HeaderPolicy, normalize
+from proxy.web.handler import ProxyHandler
+from proxy.web.runtime import Runtime
+
+log = logging.getLogger("rbac_proxy")
+
+
+class StartupError(Exception):
+    """Configuration that prevents the proxy from starting; the message says what to fix."""
+
+
+def build_store(settings: Settings) -> RoleStore:
+    spec = settings.store
+    if spec.startswith("file:"):
+        path = spec[len("file:") :]
+        try:
+            return FileStore(path)
+        except OSError as exc:
+            raise StartupError(
+                f"--store {spec}: cannot read {path}: {exc.strerror or exc}"
+            ) from None
+        except PolicyError as exc:
+            raise StartupError(f"--store {spec}: invalid member file:\n{exc}") from None
+    raise StartupError(f"--store {spec!r}: unsupported store (this build supports file:PATH)")
+
+
+def build_authenticator(settings: Settings, trusted: TrustedProxies) -> Authenticator:
+    if settings.auth == "header":
+        return HeaderAuthenticator(
+            trusted=trusted, user_header=settings.user_header, org_header=settings.org_header
+        )
+    secret: bytes | None = None
+    key_pem: bytes | None = None
+    if settings.jwt_secret_env:
+        value = os.environ.get(settings.jwt_secret_env)
+        if not value:
+            raise StartupError(f"--jwt-secret-env: ${settings.jwt_secret_env} is not set")
+        secret = value.encode()
+    if settings.jwt_key:
+        try:
+            with open(settings.jwt_key, "rb") as fh:
+                key_pem = fh.read()
+        except OSError as exc:
+            raise StartupError(f"--jwt-key {settings.jwt_key}: {exc.strerror or exc}") from None
+    try:
+        return JwtAuthenticator(
+            secret=secret,
+            key_pem=key_pem,
+            jwks=settings.jwks,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            leeway=settings.jwt_leeway,
+            user_claim=settings.jwt_user_claim,
+            org_claim=settings.jwt_org_claim,
+            cookie=settings.jwt_cookie,
+        )
+    except ValueError as exc:
+        raise StartupError(f"--auth jwt: {exc}") from None
+
+
+def build_runtime(settings: Settings, registry: CollectorRegistry | None = None) -> Runtime:
+    """Everything that can fail on bad configuration fails here, before any socket opens."""
+    try:
+        upstream = parse_upstream(settings.upstream)
+        trusted = TrustedProxies.parse(settings.trusted_proxies)
+    except (SettingsError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        routes = PolicyHolder(settings.routes)
+    except PolicyError as exc:
+        raise StartupError(f"invalid routes file:\n{exc}") from None
+    metrics = Metrics(registry if registry is not None else CollectorRegistry())
+    store = build_store(settings)
+    cache = RoleCache(
+        store,
+        ttl=settings.cache_ttl,
+        negative_ttl=settings.cache_negative_ttl,
+        stale_ttl=settings.cache_stale_ttl,
+        maxsize=settings.cache_size,
+        on_lookup=lambda result: metrics.cache_requests.labels(result).inc(),
+    )
+    try:
+        authenticator = build_authenticator(settings, trusted)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
+    injected = (
+        settings.inject_user_header,
+        settings.inject_org_header,
+        settings.inject_role_header,
+        settings.inject_permission_header,
+        settings.request_id_header,
+    )
+    stripped = {normalize(n) for n in injected} | set(ALWAYS_STRIPPED)
+    if settings.auth == "header":
+        # The identity headers are input for us, never for the backend.
+        stripped |= {normalize(settings.user_header), normalize(settings.org_header)}
+    headers = HeaderPolicy(
+        stripped=frozenset(stripped),
+        user=settings.inject_user_header,
+        org=settings.inject_org_header,
+        role=settings.inject_role_header,
+        permission=settings.inject_permission_header,
+        request_id=settings.request_id_header,
+    )
+    metrics.config_routes.set(len(routes.policy.routes))
+    now = time.time()
+    metrics.config_last_success.labels("routes").set(now)
+    metrics.config_last_success.labels("members").set(now)
+    return Runtime(
+        settings=settings,
+        routes=routes,
+        authenticator=authenticator,
+        store=store,
+        cache=cache,
+        metrics=metrics,
+        audit=AuditLog(settings.audit),
+        trusted=trusted,
+        headers=headers,
+        upstream=upstream,
+    )
+
+
+def reload_all(rt: Runtime) -> dict[str, str]:
+    """SIGHUP / POST /admin/reload / poll: reload routes and members; a bad file keeps the old."""
+    result: dict[str, str] = {}
+    try:
+        changed = rt.routes.reload()
+        result["routes"] = "success" if changed else "unchanged"
+        if changed:
+            rt.metrics.config_routes.set(len(rt.routes.policy.routes))
+    except PolicyError as exc:
+        log.error("routes reload failed, keeping the previous table:\n%s", exc)
+        result["routes"] = "failure"
+    if isinstance(rt.store, FileStore):
+        try:
+            changed = rt.store.reload()
+            result["members"] = "success" if changed else "unchanged"
+            if changed:
+                rt.cache.invalidate()
+        except (PolicyError, OSError) as exc:
+            log.error("member file reload failed, keeping the previous members:\n%s", exc)
+            result["members"] = "failure"
+    for file, outcome in result.items():
+        rt.metrics.config_reloads.labels(file, outcome).inc()
+        if outcome == "success":
+            rt.metrics.config_last_success.labels(file).set(time.time())
+    return result
+
+
+@dataclass(eq=False)
+class Server:
+    """A running proxy: both listeners plus background tasks. Used by serve, demo and tests."""
+
+    runtime: Runtime
+    proxy_runner: web.ServerRunner
+    admin_runner: web.AppRunner
+    proxy_port: int
+    admin_port: int
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def drain_and_stop(self) -> None:
+        """SIGTERM: readyz turns 503, listeners close, in-flight requests get time to finish."""
+        rt = self.runtime
+        rt.draining = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.proxy_runner.cleanup()  # closes the listener, waits up to shutdown_timeout
+        await self.admin_runner.cleanup()
+        if rt.session is not None:
+            await rt.session.close()
+        await rt.authenticator.close()
+        await rt.store.close()
+
+
+async def start(
+    settings: Settings,
+    runtime: Runtime | None = None,
+    *,
+    admin_token: str | None = None,
+    reuse_port: bool = False,
+) -> Server:
+    """Open the upstream pool and both listeners; raise StartupError on a busy port."""
+    rt = runtime if runtime is not None else build_runtime(settings)
+    rt.session = ClientSession(
+        connector=TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, force_close=False),
+        # Only connect has a session timeout; time-to-headers is enforced per request and a
+        # long body or SSE stream must not be cut (aiohttp's default is 5 minutes total).
+        timeout=ClientTimeout(total=None, sock_connect=settings.connect_timeout),
+        auto_decompress=False,  # the client gets the upstream's bytes unchanged
+        cookie_jar=DummyCookieJar(),  # never mix cookies between callers
+        skip_auto_headers=("User-Agent",),
+    )
+    proxy_server = web.Server(ProxyHandler(rt), handler_cancellation=True)
+    proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=settings.shutdown_timeout)
+    admin_app = make_admin_app(rt, reload=lambda: reload_all(rt), token=admin_token)
+    admin_runner = web.AppRunner(admin_app, access_log=None)
+    await proxy_runner.setup()
+    await admin_runner.setup()
+    try:
+        host, port = parse_hostport(settings.listen, "--listen")
+        ahost, aport = parse_hostport(settings.admin_listen, "--admin-listen")
+        proxy_site = web.TCPSite(proxy_runner, host, port, reuse_port=reuse_port or None)
+        await proxy_site.start()
+        admin_site = web.TCPSite(admin_runner, ahost, aport, reuse_port=reuse_port or None)
+        await admin_site.start()
+    except OSError as exc:
+        await proxy_runner.cleanup()
+        await admin_runner.cleanup()
+        await rt.session.close()
+        raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+    server = Server(
+        rt, proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner)
+    )
+    if settings.reload_interval > 0:
+        server.tasks.append(asyncio.create_task(_watch(rt, settings.reload_interval)))
+    return server
+
+
+async def _watch(rt: Runtime, interval: float) -> None:
+    """Poll the files' content hashes (ConfigMap symlink swaps change content, not names).
+
+    A file is reloaded once per new content: a broken edit is reported once, not every poll.
+    """
+    paths = [rt.routes.path]
+    if isinstance(rt.store, FileStore):
+        paths.append(rt.store.path)
+    seen = {p: _digest(p) for p in paths}
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            now = {p: _digest(p) for p in paths}
+            if now != seen:
+                seen = now
+                reload_all(rt)
+        except Exception:  # the watcher must outlive any surprise; it is logged
+            log.exception("config watcher error")
+
+
+def _digest(path: str) -> str | None:
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _bound_port(runner: web.BaseRunner) -> int:
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    return 0
+
+
+async def serve(settings: Settings, admin_token: str | None) -> None:
+    """Run until SIGTERM/SIGINT; SIGHUP reloads."""
+    server = await start(settings, admin_token=admin_token, reuse_port=settings.workers > 1)
+    rt = server.runtime
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP: %s", reload_all(rt)))
+    log.info(
+        "rbac-proxy listening on %s (admin %s), upstream %s, %d routes",
+        settings.listen,
+        settings.admin_listen,
+        settings.upstream,
+        len(rt.routes.policy.routes),
+    )
+    await stop.wait()
+    log.info("draining (up to %.0fs)", settings.shutdown_timeout)
+    await server.drain_and_stop()
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, **kwargs: object) -> AsyncIterator[Server]:
+    server = await start(settings, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        await server.drain_and_stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
