@@ -264,9 +264,7 @@ class _Compiler:
         )
         return None
 
-    def plans(
-        self, node: Node | None, roles: dict[str, _RoleSpec] | None
-    ) -> dict[str, PlanDef]:
+    def plans(self, node: Node | None, roles: dict[str, _RoleSpec] | None) -> dict[str, PlanDef]:
         plans: dict[str, PlanDef] = {}
         if node is None:
             return plans
@@ -274,7 +272,7 @@ class _Compiler:
         if entries is None:
             return plans
         if not entries:
-            self.problem(node.where, "plans must define at least one plan (\"*\" for every plan)")
+            self.problem(node.where, 'plans must define at least one plan ("*" for every plan)')
         for name, plan_node in entries.items():
             if not name.strip():
                 self.problem(plan_node.where, "plan name must not be empty")

@@ -51,9 +51,7 @@ def _parse_segment(part: str) -> Segment:
             inner = inner[:-1]
             kind = SegmentKind.REST
         if not _IDENTIFIER.fullmatch(inner):
-            raise ValueError(
-                f"bad parameter {part!r}: the name must match [A-Za-z_][A-Za-z0-9_]*"
-            )
+            raise ValueError(f"bad parameter {part!r}: the name must match [A-Za-z_][A-Za-z0-9_]*")
         return Segment(kind, inner)
     if "{" in part or "}" in part:
         raise ValueError(

@@ -43,9 +43,7 @@ def split(path: str) -> tuple[str, ...]:
         ("/v1.2/x-y_z~", ((L, "v1.2"), (L, "x-y_z~"))),
     ],
 )
-def test_parse_template_valid(
-    template: str, expected: tuple[tuple[SegmentKind, str], ...]
-) -> None:
+def test_parse_template_valid(template: str, expected: tuple[tuple[SegmentKind, str], ...]) -> None:
     assert parse_template(template) == tuple(Segment(k, v) for k, v in expected)
 
 
