@@ -202,6 +202,8 @@ class Decision:
 class TestCase:
     """One entry of routes.yaml `tests.cases`."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
     user: str | None
     method: str
     path: str

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import signal
 import socket
 import time
@@ -18,7 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from proxy.audit import AuditLog
 from proxy.config import PolicyHolder
-from proxy.identity import Authenticator, HeaderAuthenticator, JwtAuthenticator, TrustedProxies
+from proxy.identity import Authenticator, TrustedProxies
+from proxy.identity import build_authenticator as make_authenticator
 from proxy.metrics import Metrics
 from proxy.policy.model import PolicyError
 from proxy.settings import Settings, SettingsError, parse_hostport, parse_upstream
@@ -52,38 +52,25 @@ def build_store(settings: Settings) -> RoleStore:
     raise StartupError(f"--store {spec!r}: unsupported store (this build supports file:PATH)")
 
 
-def build_authenticator(settings: Settings, trusted: TrustedProxies) -> Authenticator:
-    if settings.auth == "header":
-        return HeaderAuthenticator(
-            trusted=trusted, user_header=settings.user_header, org_header=settings.org_header
-        )
-    secret: bytes | None = None
-    key_pem: bytes | None = None
-    if settings.jwt_secret_env:
-        value = os.environ.get(settings.jwt_secret_env)
-        if not value:
-            raise StartupError(f"--jwt-secret-env: ${settings.jwt_secret_env} is not set")
-        secret = value.encode()
-    if settings.jwt_key:
-        try:
-            with open(settings.jwt_key, "rb") as fh:
-                key_pem = fh.read()
-        except OSError as exc:
-            raise StartupError(f"--jwt-key {settings.jwt_key}: {exc.strerror or exc}") from None
+def build_authenticator(settings: Settings) -> Authenticator:
     try:
-        return JwtAuthenticator(
-            secret=secret,
-            key_pem=key_pem,
+        return make_authenticator(
+            settings.auth,
+            trusted_proxies=settings.trusted_proxies,
+            user_header=settings.user_header,
+            org_header=settings.org_header,
+            jwt_secret_env=settings.jwt_secret_env,
+            jwt_key=settings.jwt_key,
             jwks=settings.jwks,
-            issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience,
-            leeway=settings.jwt_leeway,
-            user_claim=settings.jwt_user_claim,
-            org_claim=settings.jwt_org_claim,
-            cookie=settings.jwt_cookie,
+            jwt_issuer=settings.jwt_issuer,
+            jwt_audience=settings.jwt_audience,
+            jwt_leeway=settings.jwt_leeway,
+            jwt_user_claim=settings.jwt_user_claim,
+            jwt_org_claim=settings.jwt_org_claim,
+            jwt_cookie=settings.jwt_cookie,
         )
-    except ValueError as exc:
-        raise StartupError(f"--auth jwt: {exc}") from None
+    except (ValueError, OSError) as exc:
+        raise StartupError(f"--auth {settings.auth}: {exc}") from None
 
 
 def build_runtime(settings: Settings, registry: CollectorRegistry | None = None) -> Runtime:
@@ -107,10 +94,7 @@ def build_runtime(settings: Settings, registry: CollectorRegistry | None = None)
         maxsize=settings.cache_size,
         on_lookup=lambda result: metrics.cache_requests.labels(result).inc(),
     )
-    try:
-        authenticator = build_authenticator(settings, trusted)
-    except ValueError as exc:
-        raise StartupError(str(exc)) from None
+    authenticator = build_authenticator(settings)
     injected = (
         settings.inject_user_header,
         settings.inject_org_header,
@@ -219,7 +203,8 @@ async def start(
         cookie_jar=DummyCookieJar(),  # never mix cookies between callers
         skip_auto_headers=("User-Agent",),
     )
-    proxy_server = web.Server(ProxyHandler(rt), handler_cancellation=True)
+    # No aiohttp access log on the proxy port: the audit log is the per-request record.
+    proxy_server = web.Server(ProxyHandler(rt), handler_cancellation=True, access_log=None)
     proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=settings.shutdown_timeout)
     admin_app = make_admin_app(rt, reload=lambda: reload_all(rt), token=admin_token)
     admin_runner = web.AppRunner(admin_app, access_log=None)

@@ -1,0 +1,224 @@
+"""CLI entry point: parse flags and env vars, then run serve, check, explain, matrix or demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import __version__
+
+EXIT_OK, EXIT_DENY, EXIT_USAGE = 0, 1, 2
+
+
+def _default_file(name: str) -> str:
+    """./NAME when present, else the copy shipped next to the package (a source checkout)."""
+    if Path(name).exists():
+        return name
+    shipped = Path(__file__).resolve().parent.parent / name
+    return str(shipped) if shipped.exists() else name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from proxy.settings import add_serve_flags
+
+    parser = argparse.ArgumentParser(
+        prog="rbac-proxy",
+        description="Role-based access control sidecar proxy. Every flag has an env var "
+        "RBAC_PROXY_<FLAG> (e.g. --cache-ttl: RBAC_PROXY_CACHE_TTL).",
+    )
+    parser.add_argument("--version", action="version", version=f"rbac-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy")
+    add_serve_flags(serve)
+
+    check = sub.add_parser("check", help="validate routes.yaml and run its policy tests")
+    check.add_argument("--routes", default=None, help="routes file [env RBAC_PROXY_ROUTES]")
+
+    explain = sub.add_parser("explain", help="explain the decision for one request")
+    explain.add_argument("--routes", default=None)
+    explain.add_argument("--store", default=None, help="file:PATH (default file:members.yaml)")
+    explain.add_argument("--user", default=None, help="user id (omit for an anonymous request)")
+    explain.add_argument("--org", default=None, help="organization hint (X-Org-Id)")
+    explain.add_argument("method")
+    explain.add_argument("path")
+
+    matrix = sub.add_parser("matrix", help="print the role × permission and role × route tables")
+    matrix.add_argument("--routes", default=None)
+    matrix.add_argument("--format", choices=("md", "html", "json"), default="md")
+
+    demo = sub.add_parser("demo", help="run the demo backend behind the proxy")
+    demo.add_argument("--listen", default="127.0.0.1:8080")
+    demo.add_argument("--admin-listen", default="127.0.0.1:9090")
+    demo.add_argument("--backend-port", type=int, default=8081)
+    return parser
+
+
+def _routes_path(value: str | None) -> str:
+    return value or os.environ.get("RBAC_PROXY_ROUTES") or _default_file("routes.yaml")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from proxy.config import load_policy_file
+    from proxy.policy.evaluate import run_policy_tests
+    from proxy.policy.model import PolicyError
+
+    path = _routes_path(args.routes)
+    try:
+        policy, _ = load_policy_file(path, run_tests=False)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_DENY
+    failures = run_policy_tests(policy)
+    for failure in failures:
+        print(failure, file=sys.stderr)
+    total = len(policy.test_cases)
+    if failures:
+        print(f"{path}: {len(failures)} of {total} policy tests failed", file=sys.stderr)
+        return EXIT_DENY
+    print(f"{path}: OK, {len(policy.routes)} routes, {total} policy tests passed")
+    return EXIT_OK
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from proxy.config import load_policy_file
+    from proxy.policy.evaluate import evaluate
+    from proxy.policy.model import Identity, PolicyError
+    from proxy.stores.file import FileStore
+
+    store = (
+        args.store or os.environ.get("RBAC_PROXY_STORE") or "file:" + _default_file("members.yaml")
+    )
+    if not store.startswith("file:"):
+        print("explain: only file:PATH stores are supported", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        policy, _ = load_policy_file(_routes_path(args.routes), run_tests=False)
+        directory = FileStore(store[len("file:") :]).directory
+    except (PolicyError, OSError) as exc:
+        print(f"explain: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    identity = Identity(args.user, args.org) if args.user else None
+    ev = evaluate(policy, args.method, args.path, identity, directory)
+    d = ev.decision
+    print(f"request:      {args.method} {args.path}")
+    print(f"canonical:    {ev.target.path if ev.target else '(rejected)'}")
+    if ev.match is not None:
+        route = ev.match.route
+        params = ", ".join(f"{k}={v}" for k, v in ev.match.params.items()) or "-"
+        print(f"route:        {route.template}  (line {route.line})")
+        print(f"params:       {params}")
+    else:
+        print(f"route:        {d.route.template if d.route else '(none)'}")
+    print(f"permission:   {d.permission or ('public' if d.route and d.route.public else '-')}")
+    print(
+        f"user:         {args.user or '(anonymous)'}"
+        + (f"  org hint: {args.org}" if args.org else "")
+    )
+    if ev.memberships:
+        for m in ev.memberships:
+            binding = m.role or "per-project " + ", ".join(
+                f"{p}={r}" for p, r in m.projects.items()
+            )
+            print(f"membership:   {m.org} (plan {m.plan}): {binding}")
+    elif identity is not None:
+        print("membership:   (none)")
+    if ev.project_org is not None:
+        print(f"project org:  {ev.project_org}")
+    print(f"role:         {d.role or '-'}")
+    print(f"decision:     {'allow' if d.forward else 'deny'}")
+    print(
+        f"reason:       {d.reason.value}"
+        + (f" (would be {d.shadow_reason.value})" if d.shadow_reason else "")
+    )
+    if d.message:
+        print(f"message:      {d.message}")
+    if d.reason.value == "bad_request":
+        return EXIT_USAGE
+    return EXIT_OK if d.forward else EXIT_DENY
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from proxy.config import load_policy_file
+    from proxy.policy.matrix import render_html, render_json, render_markdown
+    from proxy.policy.model import PolicyError
+
+    try:
+        policy, _ = load_policy_file(_routes_path(args.routes), run_tests=False)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_DENY
+    render = {"md": render_markdown, "html": render_html, "json": render_json}[args.format]
+    sys.stdout.write(render(policy))
+    return EXIT_OK
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from proxy.settings import SettingsError, settings_from
+    from proxy.web.serve import StartupError, serve
+
+    try:
+        settings = settings_from(args)
+    except SettingsError as exc:
+        print(f"rbac-proxy: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings, os.environ.get("RBAC_PROXY_ADMIN_TOKEN")))
+    except StartupError as exc:
+        print(f"rbac-proxy: {exc}", file=sys.stderr)
+        return EXIT_DENY
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.web.demo import run_demo
+    from proxy.web.serve import StartupError
+
+    _setup_logging("warning")
+    try:
+        asyncio.run(
+            run_demo(
+                routes=_default_file("routes.yaml"),
+                members=_default_file("members.yaml"),
+                listen=args.listen,
+                admin_listen=args.admin_listen,
+                backend_port=args.backend_port,
+            )
+        )
+    except StartupError as exc:
+        print(f"rbac-proxy demo: {exc}", file=sys.stderr)
+        return EXIT_DENY
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def _setup_logging(level: str) -> None:
+    # Logs go to stderr; stdout carries only the JSON audit lines.
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {
+        "serve": cmd_serve,
+        "check": cmd_check,
+        "explain": cmd_explain,
+        "matrix": cmd_matrix,
+        "demo": cmd_demo,
+    }
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
