@@ -28,6 +28,11 @@ class RoleStore(Protocol):
         """The org that owns the project; None when the project is unknown."""
         ...
 
+    async def open(self) -> None:
+        """Connect inside the running loop. An unreachable store must not raise here: the
+        proxy starts unready (readyz 503, requests 503) and heals when the store comes up."""
+        ...
+
     async def ping(self) -> None:
         """Return when the store can answer; raise StoreError when it cannot (readyz)."""
         ...

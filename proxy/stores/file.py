@@ -51,6 +51,9 @@ class FileStore:
     async def project_org(self, project: str) -> str | None:
         return self._directory.project_org(project)
 
+    async def open(self) -> None:
+        """Nothing to open: the file was read at construction."""
+
     async def ping(self) -> None:
         """Always usable: a FileStore only exists with a parsed directory."""
 

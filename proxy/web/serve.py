@@ -194,6 +194,7 @@ async def start(
 ) -> Server:
     """Open the upstream pool and both listeners; raise StartupError on a busy port."""
     rt = runtime if runtime is not None else build_runtime(settings)
+    await rt.store.open()
     rt.session = ClientSession(
         connector=TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, force_close=False),
         # Only connect has a session timeout; time-to-headers is enforced per request and a

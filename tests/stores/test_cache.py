@@ -59,6 +59,9 @@ class FakeStore:
         await self._wait()
         return answer
 
+    async def open(self) -> None:
+        return None
+
     async def ping(self) -> None:
         await self._wait()
 
