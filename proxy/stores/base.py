@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 from proxy.policy.model import Membership
 
@@ -40,3 +41,10 @@ class RoleStore(Protocol):
     async def close(self) -> None:
         """Release connections; the store is not used afterwards."""
         ...
+
+
+@runtime_checkable
+class PushesInvalidations(Protocol):
+    """A store that learns of role changes (PostgreSQL LISTEN) and tells the cache at once."""
+
+    on_invalidate: Callable[[str | None], object] | None  # user id, or None for everything

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import logging
 import signal
 import socket
@@ -22,7 +23,7 @@ from proxy.identity import build_authenticator as make_authenticator
 from proxy.metrics import Metrics
 from proxy.policy.model import PolicyError
 from proxy.settings import Settings, SettingsError, parse_hostport, parse_upstream
-from proxy.stores.base import RoleStore
+from proxy.stores.base import PushesInvalidations, RoleStore
 from proxy.stores.cache import RoleCache
 from proxy.stores.file import FileStore
 from proxy.web.admin import make_admin_app
@@ -37,7 +38,8 @@ class StartupError(Exception):
     """Configuration that prevents the proxy from starting; the message says what to fix."""
 
 
-def build_store(settings: Settings) -> RoleStore:
+def build_store(settings: Settings, metrics: Metrics | None = None) -> RoleStore:
+    """The role store named by --store. Network stores get a timeout and a circuit breaker."""
     spec = settings.store
     if spec.startswith("file:"):
         path = spec[len("file:") :]
@@ -49,7 +51,35 @@ def build_store(settings: Settings) -> RoleStore:
             ) from None
         except PolicyError as exc:
             raise StartupError(f"--store {spec}: invalid member file:\n{exc}") from None
-    raise StartupError(f"--store {spec!r}: unsupported store (this build supports file:PATH)")
+    inner: RoleStore
+    if spec.startswith(("postgresql://", "postgres://")):
+        from proxy.stores.postgres import PostgresStore
+
+        inner = PostgresStore(
+            spec, timeout=settings.store_timeout, query_file=settings.store_query_file
+        )
+    elif spec.startswith(("http://", "https://")):
+        from proxy.stores.http import HttpStore
+
+        token = None
+        if settings.store_token_env:
+            token = os.environ.get(settings.store_token_env)
+            if not token:
+                raise StartupError(f"--store-token-env: ${settings.store_token_env} is not set")
+        inner = HttpStore(spec, timeout=settings.store_timeout, token=token)
+    else:
+        raise StartupError(
+            f"--store {spec!r}: expected file:PATH, postgresql://... or http(s)://..."
+        )
+    from proxy.stores.guard import GuardedStore
+
+    def observe(backend: str, seconds: float, failed: bool) -> None:
+        if metrics is not None:
+            metrics.store_duration.labels(backend).observe(seconds)
+            if failed:
+                metrics.store_errors.labels(backend).inc()
+
+    return GuardedStore(inner, timeout=settings.store_timeout, observe=observe)
 
 
 def build_authenticator(settings: Settings) -> Authenticator:
@@ -85,7 +115,7 @@ def build_runtime(settings: Settings, registry: CollectorRegistry | None = None)
     except PolicyError as exc:
         raise StartupError(f"invalid routes file:\n{exc}") from None
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    store = build_store(settings)
+    store = build_store(settings, metrics)
     cache = RoleCache(
         store,
         ttl=settings.cache_ttl,
@@ -94,6 +124,9 @@ def build_runtime(settings: Settings, registry: CollectorRegistry | None = None)
         maxsize=settings.cache_size,
         on_lookup=lambda result: metrics.cache_requests.labels(result).inc(),
     )
+    source = getattr(store, "inner", store)  # a GuardedStore wraps the real backend
+    if isinstance(source, PushesInvalidations):
+        source.on_invalidate = cache.invalidate
     authenticator = build_authenticator(settings)
     injected = (
         settings.inject_user_header,
