@@ -168,8 +168,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rbac-proxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(settings.log_level)
+    token = os.environ.get("RBAC_PROXY_ADMIN_TOKEN")
+    if settings.workers > 1 and "RBAC_PROXY_WORKER_ID" not in os.environ:
+        from proxy.web.workers import run_supervisor
+
+        return run_supervisor(settings, token)
     try:
-        asyncio.run(serve(settings, os.environ.get("RBAC_PROXY_ADMIN_TOKEN")))
+        asyncio.run(serve(settings, token))
     except StartupError as exc:
         print(f"rbac-proxy: {exc}", file=sys.stderr)
         return EXIT_DENY

@@ -301,8 +301,16 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 async def serve(settings: Settings, admin_token: str | None) -> None:
     """Run until SIGTERM/SIGINT; SIGHUP reloads."""
-    server = await start(settings, admin_token=admin_token, reuse_port=settings.workers > 1)
+    worker = os.environ.get("RBAC_PROXY_WORKER_ID")
+    server = await start(settings, admin_token=admin_token, reuse_port=worker is not None)
     rt = server.runtime
+    port_file = os.environ.get("RBAC_PROXY_ADMIN_PORT_FILE")
+    if port_file:
+        # Tell the supervisor where this worker's private admin listener is (see workers.py).
+        tmp = port_file + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(str(server.admin_port))
+        os.replace(tmp, port_file)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
