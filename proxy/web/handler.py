@@ -27,6 +27,7 @@ from proxy.policy.decide import (
 )
 from proxy.policy.model import (
     ERROR_WORD,
+    FORBIDDEN_METHODS,
     BadTarget,
     Decision,
     Identity,
@@ -87,6 +88,18 @@ class ProxyHandler:
         path = "-"
         try:
             policy = rt.routes.policy  # read once: a reload mid-request cannot mix tables
+            if request.method in FORBIDDEN_METHODS:
+                # Before the target: a real CONNECT carries an authority-form target (RFC 9110
+                # §9.3.6), which would otherwise be a 400; SPEC §3 answers the method with 405.
+                outcome = _Outcome(
+                    Decision(
+                        Reason.BAD_REQUEST,
+                        False,
+                        message=f"method {request.method} is not allowed through this proxy",
+                        status_override=405,
+                    )
+                )
+                return self._reject(outcome, rid)
             try:
                 target = canonicalize(request.raw_path, allow_semicolons=policy.allow_semicolons)
             except BadTarget as exc:
