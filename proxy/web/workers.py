@@ -203,7 +203,11 @@ class Supervisor:
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=str(self.metrics_dir))  # type: ignore[no-untyped-call]
-        resp = web.Response(body=generate_latest(registry) + generate_latest(self.own_registry))
+        body = generate_latest(registry)
+        if b"rbac_proxy_worker_restarts_total" not in body:
+            # Started without PROMETHEUS_MULTIPROC_DIR: our own counter lives in memory only.
+            body += generate_latest(self.own_registry)
+        resp = web.Response(body=body)
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return resp
 
