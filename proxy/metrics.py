@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proxy import __version__
-from proxy.policy.model import Reason
+from proxy.policy.model import STATUS, Reason
 
 # Decisions are sub-millisecond; requests and upstream calls span ms to tens of seconds.
 DECISION_BUCKETS = (
@@ -22,6 +22,7 @@ KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
 )
 NO_ROUTE_LABEL = "(none)"  # route label when no route matched (never the raw path)
+_FORWARDED = frozenset({Reason.ALLOWED, Reason.PUBLIC, Reason.SHADOW_DENY})
 
 
 class Metrics:
@@ -123,6 +124,12 @@ class Metrics:
             self.cache_requests.labels(result)
         for kind in ("connect", "timeout", "disconnect"):
             self.upstream_errors.labels(kind)
+        # Every reason exists from the start (as route "(none)"), so `sum by (reason)`
+        # panels and rate() alerts show 0 instead of "no data" until the first occurrence.
+        for reason in Reason:
+            verdict = "allow" if reason in _FORWARDED else "deny"
+            code = "200" if reason in _FORWARDED else str(STATUS[reason])
+            self.requests.labels(NO_ROUTE_LABEL, "GET", verdict, reason.value, code)
         # Pre-bound children: the hot path looks up a tuple in a dict, not labels() each time.
         self._request_children: dict[tuple[str, str, str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
