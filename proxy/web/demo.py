@@ -37,7 +37,7 @@ def demo_curls(proxy: str) -> list[tuple[str, str]]:
          f"curl -s -H 'X-User-Id: fay' {p}/sc-main/task-history"),
         ("no identity: 401 missing_credentials",
          f"curl -s {base}/api/org"),
-        ("what may sue do? (for the UI)",
+        ("what may sue do on proj-prod? (for the UI): 200",
          f"curl -s -H 'X-User-Id: sue' '{base}/_rbac/me?project=proj-prod'"),
     ]  # fmt: skip
 
