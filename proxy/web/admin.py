@@ -5,11 +5,14 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 from collections.abc import Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from proxy.policy.model import PolicyError
+from proxy.stores.file import FileStore
 from proxy.web.runtime import Runtime
 
 log = logging.getLogger("rbac_proxy.admin")
@@ -105,6 +108,29 @@ async def _invalidate(request: web.Request) -> web.Response:
     if user is not None and not isinstance(user, str):
         return web.json_response({"error": "user must be a string"}, status=400)
     rt = request.app[RUNTIME]
-    dropped = rt.cache.invalidate(user)
-    log.info("cache invalidated: user=%s dropped=%d", user or "*", dropped)
-    return web.json_response({"invalidated": user or "*", "entries": dropped})
+    # A member file edit invalidates everyone it touched, not only the user named.
+    scope = None if _reread_member_file(rt) else user
+    dropped = rt.cache.invalidate(scope)
+    log.info("cache invalidated: user=%s dropped=%d", scope or "*", dropped)
+    return web.json_response({"invalidated": scope or "*", "entries": dropped})
+
+
+def _reread_member_file(rt: Runtime) -> bool:
+    """For `--store file:`, the file is the store: re-read it so an edit applies now.
+
+    Without this, invalidating only re-asked the in-memory copy, and an edited members.yaml
+    waited for the next watcher poll (or forever with --reload-interval 0). A bad file keeps
+    the previous members, as every reload does. True when new members were loaded.
+    """
+    if not isinstance(rt.store, FileStore):
+        return False
+    try:
+        changed = rt.store.reload()
+    except (PolicyError, OSError) as exc:
+        log.error("member file reload failed, keeping the previous members:\n%s", exc)
+        rt.metrics.config_reloads.labels("members", "failure").inc()
+        return False
+    if changed:
+        rt.metrics.config_reloads.labels("members", "success").inc()
+        rt.metrics.config_last_success.labels("members").set(time.time())
+    return changed
