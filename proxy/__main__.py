@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from proxy import __version__
@@ -174,7 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         return run_supervisor(settings, token)
     try:
-        asyncio.run(serve(settings, token))
+        with asyncio.Runner(loop_factory=loop_factory(settings.loop)) as runner:
+            runner.run(serve(settings, token))
     except StartupError as exc:
         print(f"rbac-proxy: {exc}", file=sys.stderr)
         return EXIT_DENY
@@ -202,6 +203,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return EXIT_OK
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop when installed (auto) or asked for; None means asyncio's default loop."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise SystemExit("rbac-proxy: --loop uvloop but uvloop is not installed") from None
+        return None
+    return uvloop.new_event_loop
 
 
 def _setup_logging(level: str) -> None:
