@@ -108,61 +108,50 @@ def authorize(
     """
     route = match.route
     project = match.params.get(route.project_param) if route.project_param else None
-    base = Decision(
-        Reason.MISSING_PERMISSION,
-        forward=False,
-        route=route,
-        permission=route.permission,
-        project=project,
-    )
     if not memberships:
-        return _deny(policy, base, Reason.NOT_A_MEMBER, "not a member of any organization")
+        message = "not a member of any organization"
+        return _verdict(policy, route, Reason.NOT_A_MEMBER, project, None, None, message)
 
     if project is not None:
         if project_org is None:
-            return _deny(policy, base, Reason.UNKNOWN_PROJECT, f"unknown project {project!r}")
-        base = replace(base, org=project_org)
+            message = f"unknown project {project!r}"
+            return _verdict(policy, route, Reason.UNKNOWN_PROJECT, project, None, None, message)
+        org = project_org
         if identity.org is not None and identity.org != project_org:
             # The caller named an organization; a project of another one is out of scope even
             # if they happen to be a member there too.
-            return _deny(
-                policy,
-                base,
-                Reason.NOT_A_MEMBER,
-                f"project belongs to another organization than {org_hint_name}",
-            )
+            message = f"project belongs to another organization than {org_hint_name}"
+            return _verdict(policy, route, Reason.NOT_A_MEMBER, project, org, None, message)
         membership = _membership_in(memberships, project_org)
         if membership is None:
-            return _deny(policy, base, Reason.NOT_A_MEMBER, "not a member of the project's org")
+            message = "not a member of the project's org"
+            return _verdict(policy, route, Reason.NOT_A_MEMBER, project, org, None, message)
         resolution = resolve_project_role(policy, membership, project)
     else:
         found = pick_org(memberships, identity.org, org_hint_name)
         if isinstance(found, str):
-            return _deny(policy, base, Reason.NOT_A_MEMBER, found)
-        base = replace(base, org=found.org)
+            return _verdict(policy, route, Reason.NOT_A_MEMBER, None, None, None, found)
+        org = found.org
         resolution = resolve_org_role(policy, found)
 
-    base = replace(base, role=resolution.role)
+    role = resolution.role
     if resolution.denial is Reason.PLAN_RESTRICTED:
-        return _deny(policy, base, Reason.PLAN_RESTRICTED, resolution.message)
+        message = resolution.message
+        return _verdict(policy, route, Reason.PLAN_RESTRICTED, project, org, role, message)
     if route.authenticated:
         # authenticated: true needs only an honoured membership of the organization.
-        return replace(base, reason=Reason.ALLOWED, forward=True)
-    if resolution.denial is not None or resolution.role is None:
-        return _deny(policy, base, Reason.MISSING_PERMISSION, resolution.message)
-    role = policy.roles.get(resolution.role)
-    if role is None:
-        return _deny(
-            policy, base, Reason.MISSING_PERMISSION, f"role {resolution.role!r} is not defined"
-        )
-    if route.permission is not None and route.permission in role.granted:
-        return replace(base, reason=Reason.ALLOWED, forward=True)
-    return _deny(
-        policy,
-        base,
-        Reason.MISSING_PERMISSION,
-        f"role {resolution.role} lacks permission {route.permission}",
-    )
+        return _verdict(policy, route, Reason.ALLOWED, project, org, role, "")
+    if resolution.denial is not None or role is None:
+        message = resolution.message
+        return _verdict(policy, route, Reason.MISSING_PERMISSION, project, org, role, message)
+    role_def = policy.roles.get(role)
+    if role_def is None:
+        message = f"role {role!r} is not defined"
+        return _verdict(policy, route, Reason.MISSING_PERMISSION, project, org, role, message)
+    if route.permission is not None and route.permission in role_def.granted:
+        return _verdict(policy, route, Reason.ALLOWED, project, org, role, "")
+    message = f"role {role} lacks permission {route.permission}"
+    return _verdict(policy, route, Reason.MISSING_PERMISSION, project, org, role, message)
 
 
 def pick_org(
@@ -237,8 +226,28 @@ def _membership_in(memberships: Sequence[Membership], org: str) -> Membership | 
     return None
 
 
-def _deny(policy: Policy, base: Decision, reason: Reason, message: str) -> Decision:
-    return _shadowed(policy, base.route, replace(base, reason=reason, message=message))
+def _verdict(
+    policy: Policy,
+    route: Route,
+    reason: Reason,
+    project: str | None,
+    org: str | None,
+    role: str | None,
+    message: str,
+) -> Decision:
+    # Built once, not refined with dataclasses.replace(): replace() costs several µs a call
+    # and was most of the time of a decision (see docs/benchmarks.md).
+    decision = Decision(
+        reason,
+        forward=reason is Reason.ALLOWED,
+        route=route,
+        permission=route.permission,
+        org=org,
+        project=project,
+        role=role,
+        message=message,
+    )
+    return decision if decision.forward else _shadowed(policy, route, decision)
 
 
 def _shadowed(policy: Policy, route: Route | None, decision: Decision) -> Decision:
