@@ -115,7 +115,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(f"params:       {params}")
     else:
         print(f"route:        {d.route.template if d.route else '(none)'}")
-    print(f"permission:   {d.permission or ('public' if d.route and d.route.public else '-')}")
+    requirement = "-"
+    if d.route is not None and d.route.public:
+        requirement = "public"
+    elif d.route is not None and d.route.authenticated:
+        requirement = "authenticated (any honoured membership of the org)"
+    print(f"permission:   {d.permission or requirement}")
     print(
         f"user:         {args.user or '(anonymous)'}"
         + (f"  org hint: {args.org}" if args.org else "")

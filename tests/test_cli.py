@@ -212,6 +212,9 @@ def test_explain_project_binding_and_org_hint(capsys: pytest.CaptureFixture[str]
     assert code == 0
     assert f["membership"] == "acme (plan enterprise): per-project proj-staging=developer"
     assert f["role"] == "developer"
+    code, f = explain(capsys, "--user", "carol", "GET", "/api/org")
+    assert (code, f["role"], f["reason"]) == (0, "-", "allowed")
+    assert f["permission"].startswith("authenticated")
     code, f = explain(capsys, "--user", "alice", "--org", "smallco", "GET", "/api/org")
     assert code == 1
     assert "org hint: smallco" in f["user"]
