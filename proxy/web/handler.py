@@ -169,11 +169,13 @@ class ProxyHandler:
         cache = self.rt.cache
         route = match.route
         project = match.params.get(route.project_param) if route.project_param else None
+        backstop = _store_backstop(self.rt)
         try:
-            async with asyncio.timeout(self.rt.settings.store_timeout):
+            async with asyncio.timeout(backstop):
                 found = await cache.memberships(identity.user)
-                if project is None or not found.value:
-                    return found.value, None, found.stale
+            if project is None or not found.value:
+                return found.value, None, found.stale
+            async with asyncio.timeout(backstop):
                 owner = await cache.project_org(project)
         except TimeoutError:
             raise StoreError("role store timed out") from None
@@ -303,8 +305,10 @@ class ProxyHandler:
             return resp
         project = request.query.get("project")
         try:
-            async with asyncio.timeout(rt.settings.store_timeout):
+            backstop = _store_backstop(rt)
+            async with asyncio.timeout(backstop):
                 memberships = (await rt.cache.memberships(identity.user)).value
+            async with asyncio.timeout(backstop):
                 owner = (await rt.cache.project_org(project)).value if project else None
         except (StoreError, TimeoutError):
             resp = _json_error(
@@ -376,6 +380,16 @@ class ProxyHandler:
                 shadow_reason=decision.shadow_reason.value if decision.shadow_reason else None,
             )
         )
+
+
+def _store_backstop(rt: Runtime) -> float:
+    """Per-lookup limit for a store that never answers, beyond its own --store-timeout.
+
+    Network stores time out by themselves (GuardedStore) inside the cache, which then serves
+    a stale entry (SPEC §6). A handler timeout of the same length fired first and failed warm
+    users closed with 503, so this one only catches a store without its own timeout.
+    """
+    return 2 * rt.settings.store_timeout
 
 
 def _peer(request: web.BaseRequest) -> str | None:

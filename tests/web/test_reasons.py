@@ -19,6 +19,7 @@ from aiohttp import web
 from proxy.policy.model import Membership
 from proxy.stores.base import StoreError
 from proxy.stores.cache import RoleCache
+from proxy.stores.guard import GuardedStore
 from proxy.web.serve import free_port
 from tests.web.conftest import SHIPPED_ROUTES, Backend, Proxy, StartBackend, StartProxy
 
@@ -421,6 +422,67 @@ async def test_store_unavailable_fails_closed(proxy: Proxy, backend: Backend) ->
     assert_error(status, headers, text, expect_status=503, reason="store_unavailable")
     assert int(headers["Retry-After"]) > 0
     assert backend.received == []
+
+
+class HangingStore:
+    """Answers from the shipped members until `hang` is set; then never answers."""
+
+    backend = "hanging"
+
+    def __init__(self) -> None:
+        self.hang = False
+
+    async def _wait(self) -> None:
+        if self.hang:
+            await asyncio.Event().wait()  # cancelled by the guard's timeout
+
+    async def memberships(self, user: str) -> tuple[Membership, ...]:
+        await self._wait()
+        return {"alice": (Membership("acme", "enterprise", "admin"),)}.get(user, ())
+
+    async def project_org(self, project: str) -> str | None:
+        await self._wait()
+        return "acme" if project == "proj-prod" else None
+
+    async def open(self) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_hanging_store_serves_warm_users_stale_and_fails_cold_users_closed(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(backend.url, store_timeout=0.3)
+    store = HangingStore()
+    # As build_store wires a network store: its own timeout inside the cache, so the cache
+    # can fall back to a stale entry before the request gives up.
+    guarded = GuardedStore(store, timeout=0.3, failure_threshold=100)
+    proxy.server.runtime.cache = RoleCache(guarded, ttl=0, negative_ttl=0, stale_ttl=300)
+    path = "/api/projects/proj-prod/secrets"
+    status, headers, _ = await get(proxy, path, "alice")
+    assert status == 200
+    assert one_audit(proxy, headers["X-Request-Id"])["stale"] is False
+
+    store.hang = True
+    status, headers, text = await get(proxy, path, "alice")
+    assert status == 200, text
+    record = one_audit(proxy, headers["X-Request-Id"])
+    assert (record["reason"], record["stale"]) == ("allowed", True)
+    status, headers, text = await get(proxy, path, "bob")  # nothing cached: fail closed
+    assert_error(
+        status,
+        headers,
+        text,
+        expect_status=503,
+        reason="store_unavailable",
+        permission="secrets:read",
+    )
+    assert len(backend.received) == 2
 
 
 async def test_upstream_unavailable(start_proxy: StartProxy) -> None:
