@@ -555,6 +555,8 @@ async def demo_bytes(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
     response.content_length = remaining
     await response.prepare(request)
+    if request.method == "HEAD":  # RFC 9110 §9.3.2: same headers, no content
+        remaining = 0
     while remaining > 0:
         part = _PATTERN[: min(remaining, CHUNK)]
         await response.write(part)
