@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from aiohttp import web
 from yarl import URL
@@ -54,6 +56,7 @@ log = logging.getLogger("rbac_proxy.proxy")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 STORE_RETRY_AFTER = "5"
 _JSON = "application/json"
+_NO_COOKIES: Mapping[str, str] = MappingProxyType({})
 
 
 @dataclass(slots=True)
@@ -122,6 +125,10 @@ class ProxyHandler:
             if outcome is not None:
                 self._record(request, outcome, rid, path, time.perf_counter() - started)
 
+    def _cookies(self, request: web.BaseRequest) -> Mapping[str, str]:
+        # Parsing the Cookie header costs on every request; only a JWT cookie needs it.
+        return request.cookies if self.rt.settings.jwt_cookie else _NO_COOKIES
+
     async def _decide(self, request: web.BaseRequest, policy: Policy, target: Target) -> _Outcome:
         rt = self.rt
         t0 = time.perf_counter()
@@ -134,7 +141,7 @@ class ProxyHandler:
             return _Outcome(routed)
         try:
             identity = await rt.authenticator.authenticate(
-                request.headers, _peer(request), request.cookies
+                request.headers, _peer(request), self._cookies(request)
             )
         except AuthError as exc:
             decision = deny_unauthenticated(policy, routed, exc.reason, exc.message)
@@ -295,7 +302,7 @@ class ProxyHandler:
             return _json_error(405, "bad_request", rid, hdr, "use GET")
         try:
             identity = await rt.authenticator.authenticate(
-                request.headers, _peer(request), request.cookies
+                request.headers, _peer(request), self._cookies(request)
             )
         except AuthError as exc:
             resp = _json_error(401, exc.reason.value, rid, hdr, exc.message)
