@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--routes", default=None)
     matrix.add_argument("--format", choices=("md", "html", "json"), default="md")
 
+    from proxy.stores.cli import add_parser as add_store_parser
+
+    add_store_parser(sub)
+
     demo = sub.add_parser("demo", help="run the demo backend behind the proxy")
     demo.add_argument("--listen", default="127.0.0.1:8080")
     demo.add_argument("--admin-listen", default="127.0.0.1:9090")
@@ -234,7 +238,10 @@ def _setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from proxy.stores.cli import run as cmd_store
+
     commands = {
+        "store": cmd_store,
         "serve": cmd_serve,
         "check": cmd_check,
         "explain": cmd_explain,

@@ -119,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def find_schema() -> Path:
-    """schema.sql at the root of a source checkout, else the copy packaged in proxy/data/."""
-    candidates = [Path(__file__).resolve().parents[2] / SCHEMA_FILE]
+    """schema.sql at the root of a source checkout, in the working directory (the Docker
+    image's WORKDIR), else a copy packaged in proxy/data/."""
+    candidates = [Path(__file__).resolve().parents[2] / SCHEMA_FILE, Path.cwd() / SCHEMA_FILE]
     packaged = resources.files("proxy").joinpath("data", SCHEMA_FILE)
     if isinstance(packaged, Path):
         candidates.append(packaged)

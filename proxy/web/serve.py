@@ -55,9 +55,12 @@ def build_store(settings: Settings, metrics: Metrics | None = None) -> RoleStore
     if spec.startswith(("postgresql://", "postgres://")):
         from proxy.stores.postgres import PostgresStore
 
-        inner = PostgresStore(
-            spec, timeout=settings.store_timeout, query_file=settings.store_query_file
-        )
+        try:
+            inner = PostgresStore(
+                spec, timeout=settings.store_timeout, query_file=settings.store_query_file
+            )
+        except (ValueError, OSError) as exc:
+            raise StartupError(f"--store postgresql: {exc}") from None
     elif spec.startswith(("http://", "https://")):
         from proxy.stores.http import HttpStore
 
@@ -227,7 +230,10 @@ async def start(
 ) -> Server:
     """Open the upstream pool and both listeners; raise StartupError on a busy port."""
     rt = runtime if runtime is not None else build_runtime(settings)
-    await rt.store.open()
+    try:
+        await rt.store.open()
+    except ValueError as exc:  # reachable but misconfigured (bad query file, no schema)
+        raise StartupError(f"role store: {exc}") from None
     rt.session = ClientSession(
         connector=TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30, force_close=False),
         # Only connect has a session timeout; time-to-headers is enforced per request and a
