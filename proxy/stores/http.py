@@ -41,9 +41,10 @@ class HttpStore:
         """Validate the base URL now so a typo fails startup (ValueError), not every request."""
         base = URL(base_url)
         if base.scheme not in ("http", "https") or not base.raw_host:
-            raise ValueError(f"http store URL needs http(s)://host[:port][/path]: {base_url!r}")
+            # The URL itself is not echoed: its userinfo may hold a password.
+            raise ValueError("http store URL needs http(s)://host[:port][/path]")
         if base.raw_query_string or base.raw_fragment:
-            raise ValueError(f"http store URL must not carry a query or fragment: {base_url!r}")
+            raise ValueError("http store URL must not carry a query or fragment")
         if timeout <= 0:
             raise ValueError("http store timeout must be positive")
         self._base = base

@@ -450,3 +450,9 @@ def test_bad_base_urls_fail_at_construction(url: str) -> None:
 def test_nonpositive_timeout_is_rejected() -> None:
     with pytest.raises(ValueError, match="timeout"):
         HttpStore("http://127.0.0.1:1", timeout=0)
+
+
+def test_url_errors_do_not_echo_credentials() -> None:
+    with pytest.raises(ValueError) as info:
+        HttpStore("http://user:hunter2@127.0.0.1/?x=1")
+    assert "hunter2" not in str(info.value)
