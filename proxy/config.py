@@ -46,13 +46,10 @@ class PolicyHolder:
         self.path = path
         self.policy, self._digest = load_policy_file(path)
 
-    def changed_on_disk(self) -> bool:
-        """True when the file's content differs from the loaded one (ConfigMap swaps too)."""
-        try:
-            data = Path(self.path).read_bytes()
-        except OSError:
-            return False
-        return hashlib.sha256(data).hexdigest() != self._digest
+    @property
+    def digest(self) -> str:
+        """sha256 of the content the active table was loaded from."""
+        return self._digest
 
     def reload(self) -> bool:
         """Load the file again; True if a new table was swapped in, False if unchanged.

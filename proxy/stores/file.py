@@ -26,6 +26,11 @@ class FileStore:
         return self._path
 
     @property
+    def digest(self) -> str:
+        """sha256 of the content the active directory was loaded from."""
+        return self._digest
+
+    @property
     def directory(self) -> Directory:
         return self._directory
 

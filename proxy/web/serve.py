@@ -69,7 +69,10 @@ def build_store(settings: Settings, metrics: Metrics | None = None) -> RoleStore
             token = os.environ.get(settings.store_token_env)
             if not token:
                 raise StartupError(f"--store-token-env: ${settings.store_token_env} is not set")
-        inner = HttpStore(spec, timeout=settings.store_timeout, token=token)
+        try:
+            inner = HttpStore(spec, timeout=settings.store_timeout, token=token)
+        except ValueError as exc:  # the message never echoes the URL: it may hold a secret
+            raise StartupError(f"--store http: {exc}") from None
     else:
         raise StartupError(
             f"--store {spec!r}: expected file:PATH, postgresql://... or http(s)://..."
@@ -275,10 +278,12 @@ async def _watch(rt: Runtime, interval: float) -> None:
 
     A file is reloaded once per new content: a broken edit is reported once, not every poll.
     """
-    paths = [rt.routes.path]
+    # Start from what was loaded, not from a fresh read: an edit between loading and this
+    # task's first run must not become the baseline and be missed.
+    seen: dict[str, str | None] = {rt.routes.path: rt.routes.digest}
     if isinstance(rt.store, FileStore):
-        paths.append(rt.store.path)
-    seen = {p: _digest(p) for p in paths}
+        seen[rt.store.path] = rt.store.digest
+    paths = list(seen)
     while True:
         await asyncio.sleep(interval)
         try:
