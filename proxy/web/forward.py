@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, web
+from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, hdrs, web
 from aiohttp.client_exceptions import (
     ClientConnectionError,
     ClientConnectorError,
@@ -150,6 +150,22 @@ def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) ->
         into.add(name, value)
 
 
+class _RelayedResponse(web.StreamResponse):
+    """A StreamResponse that adds no Content-Type the upstream did not send.
+
+    aiohttp defaults a body without Content-Type to application/octet-stream. RFC 9110 §8.3
+    leaves a missing type to the recipient (a browser sniffs it; octet-stream would force a
+    download), so the proxy passes the absence on. `_prepare_headers` is aiohttp's (≥ 3.9)
+    internal header step; tests/web/test_forwarding.py catches it changing.
+    """
+
+    async def _prepare_headers(self) -> None:
+        typed = hdrs.CONTENT_TYPE in self.headers
+        await super()._prepare_headers()
+        if not typed:
+            self.headers.popall(hdrs.CONTENT_TYPE, None)
+
+
 async def _body(request: web.BaseRequest) -> AsyncIterator[bytes]:
     # Stream the client's body: never request.read() (a 1 GiB upload stays in bounded memory).
     async for chunk in request.content.iter_chunked(CHUNK):
@@ -194,7 +210,7 @@ async def forward_http(
         raise UpstreamError("connect", f"upstream error: {type(exc).__name__}") from None
     to_headers = loop.time() - started
     try:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
         response_headers(upstream.headers, response.headers)
         for name, value in extra_response_headers:
             response.headers[name] = value
