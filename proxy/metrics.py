@@ -58,7 +58,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "rbac_proxy_upstream_errors",
-            "Upstream failures by kind (connect, timeout, disconnect).",
+            "Upstream failures by kind (connect, timeout, disconnect, broken mid-response).",
             ["kind"],
             registry=registry,
         )
@@ -100,6 +100,13 @@ class Metrics:
             registry=registry,
             multiprocess_mode="max",
         )
+        self.config_last_ok = Gauge(
+            "rbac_proxy_config_last_reload_successful",
+            "1 when the last load of the file succeeded, 0 when it failed (old one kept).",
+            ["file"],
+            registry=registry,
+            multiprocess_mode="min",
+        )
         self.config_routes = Gauge(
             "rbac_proxy_config_routes",
             "Routes in the active table.",
@@ -122,7 +129,7 @@ class Metrics:
         self.build_info.labels(__version__).set(1)
         for result in ("hit", "miss", "stale", "negative"):
             self.cache_requests.labels(result)
-        for kind in ("connect", "timeout", "disconnect"):
+        for kind in ("connect", "timeout", "disconnect", "broken"):
             self.upstream_errors.labels(kind)
         # Every reason exists from the start (as route "(none)"), so `sum by (reason)`
         # panels and rate() alerts show 0 instead of "no data" until the first occurrence.

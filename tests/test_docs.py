@@ -26,7 +26,7 @@ def test_every_metric_is_documented() -> None:
     registry = CollectorRegistry()
     Metrics(registry)
     families = {(m.name, m.type) for m in registry.collect()}
-    assert len(families) == 14
+    assert len(families) == 15
     for name, kind in families:
         exposed = name + "_total" if kind == "counter" else name
         assert f"`{exposed}`" in OPERATIONS, exposed

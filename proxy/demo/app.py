@@ -494,6 +494,9 @@ async def task_history_stream(request: web.Request) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                            "Cache-Control": "no-cache"})
     await response.prepare(request)
+    if request.method == "HEAD":  # RFC 9110 §9.3.2: same headers, no content
+        await response.write_eof()
+        return response
     executions = list(project.collections["task-history"].values()) or [{}]
     try:
         for seq in range(count):

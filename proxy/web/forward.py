@@ -58,6 +58,14 @@ class UpstreamError(Exception):
         super().__init__(message)
 
 
+class BrokenUpstream(Exception):
+    """The upstream failed after the response started; `response` is what the client got."""
+
+    def __init__(self, response: web.StreamResponse, message: str) -> None:
+        self.response = response
+        super().__init__(message)
+
+
 def normalize(name: str) -> str:
     """Header identity as backends see it: case-insensitive, and `_` read as `-` (CGI/WSGI)."""
     return name.lower().replace("_", "-")
@@ -221,12 +229,15 @@ async def forward_http(
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
         await response.write_eof()
-    except (ClientError, ConnectionError, asyncio.IncompleteReadError):
-        # Mid-stream failure on either side: the status line is out, so the only honest
-        # signal left is to cut the client connection (and drop the upstream one).
+    except (ClientError, asyncio.IncompleteReadError) as exc:
+        # The upstream broke mid-stream: the status line is out, so the only honest signal
+        # left is to cut the client connection (never a clean, truncated body).
         upstream.close()
         if request.transport is not None:
             request.transport.close()
+        raise BrokenUpstream(response, type(exc).__name__) from None
+    except ConnectionError:
+        upstream.close()  # the client left: drop the upstream request too
         raise
     finally:
         upstream.release()

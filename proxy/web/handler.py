@@ -41,6 +41,7 @@ from proxy.policy.model import (
 )
 from proxy.stores.base import StoreError
 from proxy.web.forward import (
+    BrokenUpstream,
     Injected,
     UpstreamError,
     forward_http,
@@ -252,6 +253,11 @@ class ProxyHandler:
                 message=str(exc),
             )
             return self._reject(outcome, rid)
+        except BrokenUpstream as exc:
+            log.warning("upstream broke mid-response on %s: %s", route_label, exc)
+            rt.metrics.upstream_errors.labels("broken").inc()
+            outcome.status = exc.response.status
+            return exc.response
         except (ConnectionError, asyncio.CancelledError):
             rt.metrics.upstream_errors.labels("disconnect").inc()
             outcome.status = 499  # nginx's "client closed request", for the audit line only

@@ -141,10 +141,10 @@ def build_runtime(settings: Settings, registry: CollectorRegistry | None = None)
         settings.inject_permission_header,
         settings.request_id_header,
     )
+    # The identity headers are input for us, never for the backend (in jwt mode too: a client
+    # copy must not look like an identity to a backend that reads them).
     stripped = {normalize(n) for n in injected} | set(ALWAYS_STRIPPED)
-    if settings.auth == "header":
-        # The identity headers are input for us, never for the backend.
-        stripped |= {normalize(settings.user_header), normalize(settings.org_header)}
+    stripped |= {normalize(settings.user_header), normalize(settings.org_header)}
     headers = HeaderPolicy(
         stripped=frozenset(stripped),
         user=settings.inject_user_header,
@@ -155,8 +155,9 @@ def build_runtime(settings: Settings, registry: CollectorRegistry | None = None)
     )
     metrics.config_routes.set(len(routes.policy.routes))
     now = time.time()
-    metrics.config_last_success.labels("routes").set(now)
-    metrics.config_last_success.labels("members").set(now)
+    for file in ("routes", "members"):
+        metrics.config_last_success.labels(file).set(now)
+        metrics.config_last_ok.labels(file).set(1)
     return Runtime(
         settings=settings,
         routes=routes,
@@ -193,6 +194,7 @@ def reload_all(rt: Runtime) -> dict[str, str]:
             result["members"] = "failure"
     for file, outcome in result.items():
         rt.metrics.config_reloads.labels(file, outcome).inc()
+        rt.metrics.config_last_ok.labels(file).set(0 if outcome == "failure" else 1)
         if outcome == "success":
             rt.metrics.config_last_success.labels(file).set(time.time())
     return result
