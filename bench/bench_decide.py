@@ -3,11 +3,13 @@
 Run: .venv/bin/python bench/bench_decide.py [--runs 7] [--decisions 20000] [--sizes 50,1000,10000]
 
 For each route-table size a routes.yaml is generated (realistic shapes: project resources with
-list/create/read/update/delete/action routes, org-level literals, public routes), compiled with
-the real compiler, and a fixed set of requests that hit many different routes is decided again
-and again. Memberships are already in memory (as after a role-cache hit): what is measured is
-the work per request that does not wait on I/O. Prints ns per decision (median of the runs).
-"""
+list/create/read/update/delete/run/history routes, org-level literals, public routes) and
+compiled with the real compiler; 4,000 requests spread uniformly over the table's routes, from
+an admin, a developer and a per-project user, are decided again and again. Memberships are
+already in memory (as after a role-cache hit): what is measured is the work per request that
+does not wait on I/O. The sizes are timed round-robin; a control row times the largest table
+with the smallest table's requests. Prints ns per decision (median of the rounds) and the
+10,000 / 50 ratio. Results and their discussion: docs/benchmarks.md."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
@@ -169,40 +171,47 @@ def match_one(policy: Policy, request: Request) -> object:
     return policy.matcher.match(request.method, target.segments)
 
 
-@dataclass(frozen=True, slots=True)
-class Runs:
-    """ns per call of each timed run: wall clock, and CPU time of this process."""
+@dataclass(slots=True)
+class Table:
+    """One generated route table, its requests, and the timings collected for it."""
 
-    wall: list[float]
-    cpu: list[float]
+    label: str
+    policy: Policy
+    requests: list[Request]
+    compile_s: float
+    match_ns: list[float] = field(default_factory=list)  # canonicalize + match, wall
+    wall_ns: list[float] = field(default_factory=list)  # whole decision, wall clock
+    cpu_ns: list[float] = field(default_factory=list)  # whole decision, process CPU time
 
 
-def time_runs(
-    step: Callable[[Policy, Request], object],
-    policy: Policy,
-    requests: Sequence[Request],
-    decisions: int,
-    runs: int,
-) -> Runs:
-    """Time `runs` runs of about `decisions` calls each (after one untimed warm-up pass).
+def time_once(
+    step: Callable[[Policy, Request], object], table: Table, decisions: int
+) -> tuple[float, float]:
+    """(wall, CPU) ns per call over about `decisions` calls of `step` on the table's requests.
 
     CPU time is reported beside wall time because a shared machine preempts the process:
-    wall time then counts other processes' slices, CPU time does not.
+    wall time then also counts other processes' time slices, CPU time does not.
     """
-    loops = max(1, decisions // len(requests))
-    calls = loops * len(requests)
-    for request in requests:
-        step(policy, request)
-    wall, cpu = [], []
-    for _ in range(runs):
-        gc.collect()
-        start, start_cpu = time.perf_counter_ns(), time.process_time_ns()
-        for _ in range(loops):
-            for request in requests:
-                step(policy, request)
-        wall.append((time.perf_counter_ns() - start) / calls)
-        cpu.append((time.process_time_ns() - start_cpu) / calls)
-    return Runs(wall, cpu)
+    loops = max(1, decisions // len(table.requests))
+    gc.collect()
+    start, start_cpu = time.perf_counter_ns(), time.process_time_ns()
+    for _ in range(loops):
+        for request in table.requests:
+            step(table.policy, request)
+    calls = loops * len(table.requests)
+    return (
+        (time.perf_counter_ns() - start) / calls,
+        (time.process_time_ns() - start_cpu) / calls,
+    )
+
+
+def build_table(size: int) -> Table:
+    text = routes_yaml(size)
+    start = time.perf_counter()
+    policy = compile_policy(parse_yaml(text, f"bench-{size}.yaml"), f"bench-{size}.yaml")
+    compile_s = time.perf_counter() - start
+    assert len(policy.routes) == size, len(policy.routes)
+    return Table(f"{size:,}", policy, make_requests(policy, random.Random(SEED)), compile_s)
 
 
 def cpu_model() -> str:
@@ -217,7 +226,7 @@ def cpu_model() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--runs", type=int, default=7, help="timed runs per size (median)")
+    parser.add_argument("--runs", type=int, default=7, help="timed rounds (median of)")
     parser.add_argument("--decisions", type=int, default=20_000, help="decisions per run")
     parser.add_argument("--sizes", default="50,1000,10000", help="route-table sizes")
     args = parser.parse_args(argv)
@@ -227,52 +236,69 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"# {time.strftime('%Y-%m-%d %H:%M %Z')}; nproc {os.cpu_count()}; {cpu_model()}; "
-        f"Python {platform.python_version()} ({platform.python_implementation()})"
+        f"Python {platform.python_version()} ({platform.python_implementation()}); "
+        f"load average {os.getloadavg()[0]:.2f} (other processes share the CPUs when > 0)"
     )
     print(
-        f"# {args.runs} runs of ~{args.decisions} decisions per size; "
-        f"{REQUESTS_PER_TABLE} distinct requests per table"
+        f"# {args.runs} rounds, each timing ~{args.decisions:,} decisions per table; "
+        f"{REQUESTS_PER_TABLE:,} generated requests per table"
     )
+    tables = [build_table(size) for size in sizes]
+    # Control: the largest table answering the smallest table's requests. Its template set
+    # contains the small one's, so the requests route the same; only the table size differs.
+    control = Table(
+        f"{sizes[-1]:,}, requests of the {sizes[0]:,} table",
+        tables[-1].policy,
+        tables[0].requests,
+        0.0,
+    )
+    everything = [*tables, control]
+    for table in everything:
+        for request in table.requests:  # warm-up, and a sanity check of the request mix
+            decision = decide_one(table.policy, request)
+            assert decision.reason is not Reason.NO_ROUTE, request
+    # Sizes are timed round-robin, so that load from other processes during the run falls on
+    # every size alike instead of on whichever size happened to be running.
+    for _ in range(args.runs):
+        for table in everything:
+            table.match_ns.append(time_once(match_one, table, args.decisions)[0])
+            wall, cpu = time_once(decide_one, table, args.decisions)
+            table.wall_ns.append(wall)
+            table.cpu_ns.append(cpu)
+
     print(
         "| routes | compile s | routes hit | allowed/denied | canonicalize+match ns | "
-        "decision ns (wall) median | min | max | decision ns (CPU) median |"
+        "decision ns: median | min | max | decision ns, CPU time: median |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    wall: dict[int, float] = {}
-    cpu: dict[int, float] = {}
-    for size in sizes:
-        rng = random.Random(SEED)
-        text = routes_yaml(size)
-        start = time.perf_counter()
-        policy = compile_policy(parse_yaml(text, f"bench-{size}.yaml"), f"bench-{size}.yaml")
-        compile_s = time.perf_counter() - start
-        assert len(policy.routes) == size, len(policy.routes)
-        requests = make_requests(policy, rng)
-        outcomes = [decide_one(policy, r) for r in requests]
-        # Sanity: every request is routed, and the mix has both outcomes.
-        assert all(d.reason is not Reason.NO_ROUTE for d in outcomes)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    med = statistics.median
+    for table in everything:
+        outcomes = [decide_one(table.policy, r) for r in table.requests]
         allowed = sum(d.forward for d in outcomes)
-        assert 0 < allowed < len(outcomes)
         hit = len({(d.route.template, d.route.methods) for d in outcomes if d.route})
-        matched = time_runs(match_one, policy, requests, args.decisions, args.runs)
-        decided = time_runs(decide_one, policy, requests, args.decisions, args.runs)
-        wall[size] = statistics.median(decided.wall)
-        cpu[size] = statistics.median(decided.cpu)
+        compiled = "(same)" if table is control else f"{table.compile_s:.2f}"
         print(
-            f"| {size:,} | {compile_s:.2f} | {hit:,} | {allowed}/{len(outcomes) - allowed} | "
-            f"{statistics.median(matched.wall):,.0f} | {wall[size]:,.0f} | "
-            f"{min(decided.wall):,.0f} | {max(decided.wall):,.0f} | {cpu[size]:,.0f} |"
+            f"| {table.label} | {compiled} | {hit:,} | "
+            f"{allowed}/{len(outcomes) - allowed} | {med(table.match_ns):,.0f} | "
+            f"{med(table.wall_ns):,.0f} | {min(table.wall_ns):,.0f} | "
+            f"{max(table.wall_ns):,.0f} | {med(table.cpu_ns):,.0f} |"
         )
     print()
-    if 50 in wall and 10_000 in wall:
+    by_size = dict(zip(sizes, tables, strict=True))
+    if 50 in by_size and 10_000 in by_size:
+        small, large = by_size[50], by_size[10_000]
+        per_round = [a / b for a, b in zip(large.wall_ns, small.wall_ns, strict=True)]
         print(
-            f"ratio 10,000 / 50 routes, median per decision: {wall[10_000] / wall[50]:.2f} "
-            f"(wall), {cpu[10_000] / cpu[50]:.2f} (CPU)"
+            "ratio 10,000 / 50 routes, median ns per decision: "
+            f"{med(large.wall_ns) / med(small.wall_ns):.2f} (wall), "
+            f"{med(large.cpu_ns) / med(small.cpu_ns):.2f} (CPU); "
+            f"per round {min(per_round):.2f}-{max(per_round):.2f}"
         )
-    if 1_000 in wall:
+    if 1_000 in by_size:
+        t = by_size[1_000]
         print(
-            f"median at 1,000 routes: {wall[1_000] / 1000:.2f} µs (wall), "
-            f"{cpu[1_000] / 1000:.2f} µs (CPU) per decision"
+            f"median at 1,000 routes: {med(t.wall_ns) / 1000:.2f} µs (wall), "
+            f"{med(t.cpu_ns) / 1000:.2f} µs (CPU) per decision"
         )
     return 0
 
