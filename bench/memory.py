@@ -212,7 +212,7 @@ def cached_users(
         f"  - after {args.users:,} cached users: VmRSS {mib(rss1)} MiB, VmHWM {mib(hwm1)} MiB "
         f"(+{mib(rss1 - rss0)} MiB while the cache filled); `rbac_proxy_role_cache_entries` "
         f"{entries:,.0f}, cache misses counted {misses:,.0f}",
-        f"  - target RSS ≤ 150 MB (143 MiB) with 100,000 cached users: "
+        f"  - target RSS ≤ 150 MB (143.05 MiB) with 100,000 cached users: "
         f"{'**met**' if met and ok else '**missed**'}"
         + ("" if args.users == 100_000 else f" (measured with {args.users:,} users only)"),
     ]
