@@ -64,6 +64,15 @@ def ensure_uvloop() -> bool:
 # ---------------------------------------------------------------- child processes
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the finally blocks that stop the children run."""
+
+    def _exit(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))

@@ -37,6 +37,7 @@ from benchlib import (
     Child,
     Children,
     append_to_section,
+    exit_on_sigterm,
     fetch,
     free_port,
     log,
@@ -265,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--users must be 1..1,000,000 and --upload-mib 1..8192")
     if (os.cpu_count() or 1) >= 2:
         os.sched_setaffinity(0, {0})  # the client stays off the proxy's CPU
+    exit_on_sigterm()
     started = time.monotonic()
     lines: list[str] = []
     with workspace("rbac-memory-") as wd:

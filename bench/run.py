@@ -37,6 +37,7 @@ from benchlib import (
     cpu_seconds,
     ensure_apt,
     ensure_uvloop,
+    exit_on_sigterm,
     fetch,
     free_port,
     log,
@@ -388,6 +389,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     started = time.monotonic()
     load_at_start = load_average()
     ensure_apt({"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux"})
