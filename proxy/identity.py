@@ -146,6 +146,7 @@ class TrustedProxies:
 
     def __init__(self, networks: Iterable[IPNetwork] = ()) -> None:
         self._networks = tuple(networks)
+        self._memo: dict[str, bool] = {}  # peer text -> trusted; bounded in contains()
 
     @classmethod
     def parse(cls, spec: str) -> TrustedProxies:
@@ -184,6 +185,15 @@ class TrustedProxies:
         """True when the peer address lies in a trusted network; unknown peers are untrusted."""
         if not peer or not self._networks:
             return False
+        known = self._memo.get(peer)
+        if known is None:
+            # Parsing an address costs microseconds on every request; peers repeat.
+            if len(self._memo) >= 4096:
+                self._memo.clear()
+            known = self._memo[peer] = self._check(peer)
+        return known
+
+    def _check(self, peer: str) -> bool:
         text = peer.strip()
         if text.startswith("[") and text.endswith("]"):
             text = text[1:-1]

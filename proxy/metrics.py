@@ -127,8 +127,6 @@ class Metrics:
             multiprocess_mode="max",
         )
         self.build_info.labels(__version__).set(1)
-        for result in ("hit", "miss", "stale", "negative"):
-            self.cache_requests.labels(result)
         for kind in ("connect", "timeout", "disconnect", "broken"):
             self.upstream_errors.labels(kind)
         # Every reason exists from the start (as route "(none)"), so `sum by (reason)`
@@ -140,6 +138,19 @@ class Metrics:
         # Pre-bound children: the hot path looks up a tuple in a dict, not labels() each time.
         self._request_children: dict[tuple[str, str, str, str, int], Counter] = {}
         self._duration_children: dict[str, Histogram] = {}
+        self._upstream_children: dict[str, Histogram] = {}
+        self._cache_children = {
+            r: self.cache_requests.labels(r) for r in ("hit", "miss", "stale", "negative")
+        }
+
+    def count_cache_lookup(self, result: str) -> None:
+        self._cache_children[result].inc()
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        hist = self._upstream_children.get(route)
+        if hist is None:
+            hist = self._upstream_children[route] = self.upstream_duration.labels(route)
+        hist.observe(seconds)
 
     def count_request(
         self, route: str, method: str, decision: str, reason: Reason, code: int, seconds: float

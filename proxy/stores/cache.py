@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar, cast
+from typing import Any, Generic, Literal, TypeVar, cast
 
 from cachetools import TTLCache
 
@@ -19,6 +19,7 @@ LookupResult = Literal["hit", "miss", "stale", "negative"]
 _Kind = Literal["user", "project"]
 # Users and projects share one bounded cache (one --cache-size) under distinct keys.
 _Key = tuple[_Kind, str]
+_MISSING = object()  # "no fresh entry" where None is a valid cached answer (unknown project)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +90,30 @@ class RoleCache:
         return await self._lookup(
             ("project", project), lambda: self._store.project_org(project), _is_none
         )
+
+    def fresh_memberships(self, user: str) -> tuple[Membership, ...] | None:
+        """The cached memberships when fresh, without awaiting (the hot path); else None.
+
+        A hit is reported as `memberships()` would report it; on None the caller falls back
+        to `memberships()`, which does the miss/stale work and its own reporting.
+        """
+        found = self._fresh(("user", user), _empty)
+        return None if found is _MISSING else cast("tuple[Membership, ...]", found)
+
+    def fresh_project_org(self, project: str) -> tuple[str | None] | None:
+        """(org,) when a fresh answer is cached (org None: unknown project); else None."""
+        found = self._fresh(("project", project), _is_none)
+        return None if found is _MISSING else (cast("str | None", found),)
+
+    def _fresh(self, key: _Key, negative: Callable[[Any], bool]) -> object:
+        entry = self._cache.get(key)
+        if entry is None:
+            return _MISSING
+        is_negative = negative(entry.value)
+        if self._clock() - entry.fetched_at >= (self._negative_ttl if is_negative else self._ttl):
+            return _MISSING
+        self._report("negative" if is_negative else "hit")
+        return entry.value
 
     def invalidate(self, user: str | None = None) -> int:
         """Drop one user's memberships (or everything, for None); returns entries dropped."""

@@ -177,6 +177,14 @@ class ProxyHandler:
         cache = self.rt.cache
         route = match.route
         project = match.params.get(route.project_param) if route.project_param else None
+        # Hot path: both answers fresh in the cache, decided without awaiting or a timer.
+        memberships = cache.fresh_memberships(identity.user)
+        if memberships is not None:
+            if project is None or not memberships:
+                return memberships, None, False
+            owner_hit = cache.fresh_project_org(project)
+            if owner_hit is not None:
+                return memberships, owner_hit[0], False
         backstop = _store_backstop(self.rt)
         try:
             async with asyncio.timeout(backstop):
@@ -262,7 +270,7 @@ class ProxyHandler:
             rt.metrics.upstream_errors.labels("disconnect").inc()
             outcome.status = 499  # nginx's "client closed request", for the audit line only
             raise
-        rt.metrics.upstream_duration.labels(route_label).observe(to_headers)
+        rt.metrics.observe_upstream(route_label, to_headers)
         outcome.status = response.status
         return response
 
@@ -406,13 +414,8 @@ def _store_backstop(rt: Runtime) -> float:
 
 
 def _peer(request: web.BaseRequest) -> str | None:
-    transport = request.transport
-    if transport is None:
-        return None
-    info = transport.get_extra_info("peername")
-    if isinstance(info, tuple) and info:
-        return str(info[0])
-    return None
+    # The socket's peer (aiohttp caches it per request), never a forwarded-for header.
+    return request.remote
 
 
 def _json_error(status: int, reason: str, rid: str, rid_header: str, message: str) -> web.Response:
