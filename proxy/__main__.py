@@ -9,8 +9,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.policy.evaluate import Snapshot
+    from proxy.policy.model import Policy
 
 EXIT_OK, EXIT_DENY, EXIT_USAGE = 0, 1, 2
 
@@ -42,7 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = sub.add_parser("explain", help="explain the decision for one request")
     explain.add_argument("--routes", default=None)
-    explain.add_argument("--store", default=None, help="file:PATH (default file:members.yaml)")
+    explain.add_argument(
+        "--store",
+        default=None,
+        help="file:PATH | postgresql://… | http(s)://… (default file:members.yaml)",
+    )
     explain.add_argument("--user", default=None, help="user id (omit for an anonymous request)")
     explain.add_argument("--org", default=None, help="organization hint (X-Org-Id)")
     explain.add_argument("method")
@@ -89,22 +98,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _snapshot(store_spec: str, policy: Policy, args: argparse.Namespace) -> Snapshot:
+    """Ask a PostgreSQL or HTTP store what explain needs, once, through the serve code path."""
+    from proxy.policy.evaluate import Snapshot, project_of
+    from proxy.settings import Settings
+    from proxy.web.serve import build_store
+
+    store = build_store(Settings(store=store_spec))
+    await store.open()
+    try:
+        found = await store.memberships(args.user) if args.user else ()
+        project = project_of(policy, args.method, args.path)
+        owners = {project: await store.project_org(project)} if project is not None else {}
+    finally:
+        await store.close()
+    return Snapshot(args.user, found, owners)
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     from proxy.config import load_policy_file
-    from proxy.policy.evaluate import evaluate
+    from proxy.policy.evaluate import MemberLookup, evaluate
     from proxy.policy.model import Identity, PolicyError
+    from proxy.stores.base import StoreError
     from proxy.stores.file import FileStore
+    from proxy.web.serve import StartupError
 
     store = (
         args.store or os.environ.get("RBAC_PROXY_STORE") or "file:" + _default_file("members.yaml")
     )
-    if not store.startswith("file:"):
-        print("explain: only file:PATH stores are supported", file=sys.stderr)
-        return EXIT_USAGE
     try:
         policy, _ = load_policy_file(_routes_path(args.routes), run_tests=False)
-        directory = FileStore(store[len("file:") :]).directory
-    except (PolicyError, OSError) as exc:
+        directory: MemberLookup
+        if store.startswith("file:"):
+            directory = FileStore(store[len("file:") :]).directory
+        else:
+            directory = asyncio.run(_snapshot(store, policy, args))
+    except (PolicyError, OSError, StartupError, StoreError) as exc:
         print(f"explain: {exc}", file=sys.stderr)
         return EXIT_USAGE
     identity = Identity(args.user, args.org) if args.user else None

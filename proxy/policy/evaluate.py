@@ -1,9 +1,10 @@
-"""The whole pipeline without I/O, over an in-memory Directory: for `check`, `explain`, tests."""
+"""The whole pipeline without I/O, over in-memory memberships: for `check`, `explain`, tests."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 from proxy.policy.canonical import canonicalize
 from proxy.policy.decide import authorize, deny_unauthenticated, route_request
@@ -19,6 +20,41 @@ from proxy.policy.model import (
     Target,
     TestCase,
 )
+
+
+class MemberLookup(Protocol):
+    """What evaluate() asks: a members Directory, or answers fetched from a store beforehand."""
+
+    def memberships(self, user: str) -> tuple[Membership, ...]: ...
+
+    def project_org(self, project: str) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Store answers fetched ahead of a synchronous evaluate() (explain with a network store)."""
+
+    user: str | None
+    found: tuple[Membership, ...]
+    owners: dict[str, str | None]
+
+    def memberships(self, user: str) -> tuple[Membership, ...]:
+        return self.found if user == self.user else ()
+
+    def project_org(self, project: str) -> str | None:
+        return self.owners.get(project)
+
+
+def project_of(policy: Policy, method: str, raw_target: str) -> str | None:
+    """The project id the request concerns (None: bad target, no route or an org route)."""
+    try:
+        target = canonicalize(raw_target, allow_semicolons=policy.allow_semicolons)
+    except BadTarget:
+        return None
+    routed = route_request(policy, method, target)
+    if isinstance(routed, Decision) or routed.route.project_param is None:
+        return None
+    return routed.params.get(routed.route.project_param)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +73,7 @@ def evaluate(
     method: str,
     raw_target: str,
     identity: Identity | None,
-    directory: Directory,
+    directory: MemberLookup,
     *,
     upgrade: str | None = None,
 ) -> Evaluation:
