@@ -263,7 +263,7 @@ def test_explain_no_route(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_explain_unsupported_store(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["explain", "--store", "postgresql://x", "--user", "a", "GET", "/api/org"])
+    code = main(["explain", "--store", "ftp://127.0.0.1/x", "--user", "a", "GET", "/api/org"])
     assert code == 2
     assert "file:PATH" in capsys.readouterr().err
 
