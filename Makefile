@@ -30,8 +30,12 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
+## Benchmarks (about 10 minutes): decision core, throughput/latency vs nginx and an aiohttp
+## pass-through, memory. Installs nginx and wrk when missing; appends to docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_decide.py
+	$(BIN)/python bench/run.py
+	$(BIN)/python bench/memory.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
