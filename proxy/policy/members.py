@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from proxy.policy.model import Membership, PolicyError, Problem
+from proxy.policy.model import Membership, MembershipInterner, PolicyError, Problem
 from proxy.policy.source import Node
 
 _TOP_KEYS = ("orgs",)
@@ -41,8 +41,9 @@ class Directory:
             for user, membership in record.members.items():
                 by_user.setdefault(user, []).append(membership)
         # Frozen dataclass: the indexes are derived once here and never change afterwards.
+        shared = MembershipInterner(limit=len(by_user) + 1)  # equal tuples become one object
         object.__setattr__(
-            self, "_by_user", MappingProxyType({u: tuple(ms) for u, ms in by_user.items()})
+            self, "_by_user", MappingProxyType({u: shared(tuple(ms)) for u, ms in by_user.items()})
         )
         object.__setattr__(self, "_by_project", MappingProxyType(by_project))
         object.__setattr__(self, "_users", frozenset(by_user))
@@ -73,6 +74,7 @@ class _Parser:
         self.source = source
         self.problems: list[Problem] = []
         self.project_owner: dict[str, tuple[str, int]] = {}  # project -> (org, line)
+        self.shared = MembershipInterner(limit=1 << 62)  # one object per distinct membership
 
     def problem(self, line: int, message: str) -> None:
         self.problems.append(Problem(self.source, line, message))
@@ -175,7 +177,7 @@ class _Parser:
             return None
         if isinstance(node.value, str):
             role = self.text(node, f"role of {user!r} in org {org!r}")
-            return None if role is None else Membership(org, plan, role)
+            return None if role is None else self.shared((Membership(org, plan, role),))[0]
         if not isinstance(node.value, Mapping):
             self.problem(
                 node.where,
@@ -211,4 +213,4 @@ class _Parser:
                 bindings[project] = role
         if not ok:
             return None
-        return Membership(org, plan, None, MappingProxyType(bindings))
+        return self.shared((Membership(org, plan, None, MappingProxyType(bindings)),))[0]

@@ -232,3 +232,34 @@ class Policy:
     def plan(self, name: str) -> PlanDef | None:
         found = self.plans.get(name)
         return found if found is not None else self.plans.get("*")
+
+
+class MembershipInterner:
+    """Shares one object per distinct membership (and per distinct tuple of them).
+
+    100,000 users of one org with the same role would otherwise hold 100,000 equal objects;
+    interned they hold one, which keeps a full role cache small. Bounded: the table is
+    cleared when it grows past `limit` distinct values (objects already shared stay valid).
+    """
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self._limit = limit
+        self._seen: dict[object, object] = {}
+
+    def __call__(self, memberships: tuple[Membership, ...]) -> tuple[Membership, ...]:
+        if len(self._seen) > self._limit:
+            self._seen.clear()
+        shared = tuple(self._one(m) for m in memberships)
+        key = ("tuple", *(id(m) for m in shared))
+        found = self._seen.get(key)
+        if found is None:
+            # The key holds ids: keep the members alive through the stored tuple itself.
+            self._seen[key] = found = shared
+        return found  # type: ignore[return-value]
+
+    def _one(self, m: Membership) -> Membership:
+        key = (m.org, m.plan, m.role, tuple(sorted(m.projects.items())))
+        found = self._seen.get(key)
+        if found is None:
+            self._seen[key] = found = m
+        return found  # type: ignore[return-value]

@@ -10,7 +10,7 @@ from typing import Any, Generic, Literal, TypeVar, cast
 
 from cachetools import TTLCache
 
-from proxy.policy.model import Membership
+from proxy.policy.model import Membership, MembershipInterner
 from proxy.stores.base import RoleStore, StoreError
 
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class RoleCache:
             maxsize=maxsize, ttl=max(ttl, negative_ttl, stale_ttl), timer=clock
         )
         self._inflight: dict[_Key, _Flight] = {}
+        self._shared = MembershipInterner()
 
     async def memberships(self, user: str) -> Cached[tuple[Membership, ...]]:
         """The user's memberships; raises StoreError when neither store nor cache can answer."""
@@ -174,7 +175,10 @@ class RoleCache:
         started = self._clock()
 
         async def run() -> object:
-            value = await fetch()
+            value: object = await fetch()
+            if key[0] == "user":
+                # Most users share a few distinct memberships: keep one object of each.
+                value = self._shared(cast("tuple[Membership, ...]", value))
             # No await between here and the store: an invalidation is seen or not, atomically.
             if flight.current:
                 self._cache[key] = _Entry(value, started)

@@ -384,3 +384,32 @@ async def test_lookup_after_invalidation_does_not_join_the_old_flight() -> None:
 def test_rejects_bad_settings(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         Setup(**kwargs)
+
+
+async def test_equal_memberships_of_different_users_share_one_object() -> None:
+    """Interning keeps a full cache small: 1,000 equal answers, one object."""
+    from proxy.policy.model import Membership
+
+    class Same:
+        backend = "fake"
+
+        async def open(self) -> None:
+            return None
+
+        async def memberships(self, user: str) -> tuple[Membership, ...]:
+            return (Membership("acme", "enterprise", "developer"),)  # a new object each call
+
+        async def project_org(self, project: str) -> str | None:
+            return None
+
+        async def ping(self) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    cache = RoleCache(Same())
+    answers = [(await cache.memberships(f"u{i}")).value for i in range(1000)]
+    assert len({id(a) for a in answers}) == 1
+    assert len({id(a[0]) for a in answers}) == 1
+    assert answers[0] == (Membership("acme", "enterprise", "developer"),)
