@@ -8,12 +8,15 @@ from proxy.policy.model import PolicyError, Problem
 from proxy.policy.source import Node, Scalar
 
 _SCALAR_LOADER = yaml.SafeLoader("")
+# libyaml's composer (when PyYAML was built with it) is ~3x faster and lighter on a large
+# members file; it yields the same nodes and marks as the pure-Python one.
+_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def parse_yaml(text: str, source: str) -> Node:
     """Parse one YAML document; every syntax error or duplicate key becomes a PolicyError."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_COMPOSER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else 1
