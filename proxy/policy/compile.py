@@ -25,7 +25,7 @@ from proxy.policy.model import (
     SegmentKind,
     TestCase,
 )
-from proxy.policy.source import Node
+from proxy.policy.source import Node, text_problem
 
 _TOP_KEYS = (
     "version",
@@ -121,13 +121,12 @@ class _Compiler:
         return None
 
     def string(self, node: Node, what: str) -> str | None:
-        if not isinstance(node.value, str):
-            self.problem(node.where, f"{what} must be a string")
+        """A non-empty string, or None after recording a problem."""
+        problem = text_problem(node, what)
+        if problem is not None:
+            self.problem(node.where, problem)
             return None
-        if not node.value.strip():
-            self.problem(node.where, f"{what} must not be empty")
-            return None
-        return node.value
+        return cast(str, node.value)
 
     def boolean(self, node: Node | None, what: str) -> bool | None:
         if node is None:

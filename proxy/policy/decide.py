@@ -181,12 +181,7 @@ def resolve_org_role(policy: Policy, membership: Membership) -> RoleResolution:
             )
         return RoleResolution(membership, membership.role, None)
     if plan is None or not plan.project_bindings:
-        return RoleResolution(
-            membership,
-            None,
-            Reason.PLAN_RESTRICTED,
-            f"plan {membership.plan!r} does not include per-project roles",
-        )
+        return _no_bindings(membership)
     return RoleResolution(
         membership, None, Reason.MISSING_PERMISSION, "per-project roles grant no org permissions"
     )
@@ -198,12 +193,7 @@ def resolve_project_role(policy: Policy, membership: Membership, project: str) -
         return resolve_org_role(policy, membership)
     plan = policy.plan(membership.plan)
     if plan is None or not plan.project_bindings:
-        return RoleResolution(
-            membership,
-            None,
-            Reason.PLAN_RESTRICTED,
-            f"plan {membership.plan!r} does not include per-project roles",
-        )
+        return _no_bindings(membership)
     bound = membership.projects.get(project)
     if bound is None:
         return RoleResolution(
@@ -217,6 +207,15 @@ def resolve_project_role(policy: Policy, membership: Membership, project: str) -
             f"plan {membership.plan!r} does not include role {bound}",
         )
     return RoleResolution(membership, bound, None)
+
+
+def _no_bindings(membership: Membership) -> RoleResolution:
+    return RoleResolution(
+        membership,
+        None,
+        Reason.PLAN_RESTRICTED,
+        f"plan {membership.plan!r} does not include per-project roles",
+    )
 
 
 def _membership_in(memberships: Sequence[Membership], org: str) -> Membership | None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import cast
 
 from proxy.policy.model import Membership, MembershipInterner, PolicyError, Problem
-from proxy.policy.source import Node
+from proxy.policy.source import Node, text_problem
 
 _TOP_KEYS = ("orgs",)
 _ORG_KEYS = ("plan", "projects", "members")
@@ -87,13 +88,11 @@ class _Parser:
 
     def text(self, node: Node, what: str) -> str | None:
         """A non-empty string, or None after recording a problem."""
-        if not isinstance(node.value, str):
-            self.problem(node.where, f"{what} must be a string")
+        problem = text_problem(node, what)
+        if problem is not None:
+            self.problem(node.where, problem)
             return None
-        if not node.value.strip():
-            self.problem(node.where, f"{what} must not be empty")
-            return None
-        return node.value
+        return cast(str, node.value)
 
     def directory(self, root: Node) -> Directory:
         if not isinstance(root.value, Mapping):

@@ -24,3 +24,12 @@ class Node:
     def where(self) -> int:
         """The line to blame: the key's line when there is one, else the value's."""
         return self.key_line or self.line
+
+
+def text_problem(node: Node, what: str) -> str | None:
+    """Why `node` is not a non-empty string (a message naming `what`), or None when it is."""
+    if not isinstance(node.value, str):
+        return f"{what} must be a string"
+    if not node.value.strip():
+        return f"{what} must not be empty"
+    return None
