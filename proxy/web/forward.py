@@ -19,6 +19,8 @@ from aiohttp.client_exceptions import (
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from proxy.web.upstream import BodyBroken, UpstreamFailure, UpstreamPool, request_head
+
 # RFC 9110 §7.6.1: connection-specific fields never cross a proxy; plus the legacy
 # Proxy-Connection and Keep-Alive, and Proxy-Authorization meant for us, not the backend.
 HOP_BY_HOP = frozenset(
@@ -241,6 +243,67 @@ async def forward_http(
         raise
     finally:
         upstream.release()
+    return response, to_headers
+
+
+async def forward_lean(
+    request: web.BaseRequest,
+    pool: UpstreamPool,
+    target: str,
+    headers: CIMultiDict[str],
+    *,
+    upstream_timeout: float,
+    extra_response_headers: Iterable[tuple[str, str]],
+) -> tuple[web.StreamResponse, float]:
+    """forward_http over the lean pool (proxy/web/upstream.py): same contract, less work.
+
+    `target` is the canonical path plus the original query, sent as the request-target.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    method = request.method
+    body = request.content.iter_chunked(CHUNK) if request.body_exists else None
+    # A client body without Content-Length came chunked (its Transfer-Encoding is hop-by-hop
+    # and was dropped): re-chunk it for the upstream, streaming.
+    chunked = body is not None and hdrs.CONTENT_LENGTH not in request.headers
+    try:
+        head = request_head(method, target, headers, pool.authority, chunked=chunked)
+    except ValueError as exc:
+        raise UpstreamError("connect", str(exc)) from None
+    try:
+        upstream = await pool.request(
+            method, head, body, chunked=chunked, timeout=upstream_timeout
+        )
+    except UpstreamFailure as exc:
+        raise UpstreamError(exc.kind, str(exc)) from None
+    to_headers = loop.time() - started
+    response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
+    clean = False
+    try:
+        response_headers(upstream.headers, response.headers)
+        for name, value in extra_response_headers:
+            response.headers[name] = value
+        if hdrs.CONTENT_LENGTH not in upstream.headers and method != "HEAD":
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        if method != "HEAD" and upstream.status not in (204, 304):
+            reader = upstream.body
+            while chunk := await reader.readany():
+                await response.write(chunk)
+        await response.write_eof()
+        clean = True
+    except BodyBroken as exc:
+        # As in forward_http: the status line is out, so cut the client connection.
+        if request.transport is not None:
+            request.transport.close()
+        raise BrokenUpstream(response, f"upstream body: {exc}") from None
+    finally:
+        # Reused only after a clean, complete exchange; a client that left (ConnectionError,
+        # cancellation) or a failure drops the upstream connection too.
+        if clean:
+            upstream.release()
+        else:
+            upstream.close()
     return response, to_headers
 
 

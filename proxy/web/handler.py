@@ -45,6 +45,7 @@ from proxy.web.forward import (
     Injected,
     UpstreamError,
     forward_http,
+    forward_lean,
     forward_websocket,
     upstream_headers,
 )
@@ -220,31 +221,44 @@ class ProxyHandler:
             peer_trusted=rt.trusted.contains(peer),
             scheme=request.scheme,
         )
-        url = URL.build(
-            scheme=rt.upstream.scheme,
-            host=rt.upstream.raw_host or "",
-            port=rt.upstream.explicit_port,
-            path=target.path,
-            query_string=target.query,
-            encoded=True,  # the canonical path is already encoded: no re-normalization
-        )
         if request.headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
             # Authorized: now let the client send its body (RFC 9110 §10.1.1).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        session = rt.session
-        assert session is not None, "runtime started without an upstream session"
         extra = ((rt.settings.request_id_header, rid),)
         route_label = decision.route.template if decision.route else NO_ROUTE_LABEL
-        forward = forward_websocket if request.headers.get("Upgrade") else forward_http
+        upgrade = request.headers.get("Upgrade")
+        pool = rt.upstream_pool
         try:
-            response, to_headers = await forward(
-                request,
-                session,
-                url,
-                headers,
-                upstream_timeout=rt.settings.upstream_timeout,
-                extra_response_headers=extra,
-            )
+            if pool is not None and not upgrade:
+                # The forwarded target is exactly the authorized one: canonical path, raw query.
+                response, to_headers = await forward_lean(
+                    request,
+                    pool,
+                    f"{target.path}?{target.query}" if target.query else target.path,
+                    headers,
+                    upstream_timeout=rt.settings.upstream_timeout,
+                    extra_response_headers=extra,
+                )
+            else:
+                url = URL.build(
+                    scheme=rt.upstream.scheme,
+                    host=rt.upstream.raw_host or "",
+                    port=rt.upstream.explicit_port,
+                    path=target.path,
+                    query_string=target.query,
+                    encoded=True,  # the canonical path is already encoded: no re-normalization
+                )
+                session = rt.session
+                assert session is not None, "runtime started without an upstream session"
+                forward = forward_websocket if upgrade else forward_http
+                response, to_headers = await forward(
+                    request,
+                    session,
+                    url,
+                    headers,
+                    upstream_timeout=rt.settings.upstream_timeout,
+                    extra_response_headers=extra,
+                )
         except UpstreamError as exc:
             rt.metrics.upstream_errors.labels(exc.kind).inc()
             reason = (

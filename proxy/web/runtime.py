@@ -15,6 +15,7 @@ from proxy.settings import Settings
 from proxy.stores.base import RoleStore
 from proxy.stores.cache import RoleCache
 from proxy.web.forward import HeaderPolicy
+from proxy.web.upstream import UpstreamPool
 
 
 @dataclass(eq=False)
@@ -30,6 +31,8 @@ class Runtime:
     headers: HeaderPolicy
     upstream: URL
     session: ClientSession | None = None  # opened on startup, inside the running loop
+    # The lean HTTP client (proxy/web/upstream.py); None = every request uses `session`.
+    upstream_pool: UpstreamPool | None = None
     draining: bool = False
     store_reachable: bool = True
     inflight: int = field(default=0)

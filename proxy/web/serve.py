@@ -31,6 +31,7 @@ from proxy.web.admin import make_admin_app
 from proxy.web.forward import ALWAYS_STRIPPED, HeaderPolicy, normalize
 from proxy.web.handler import ProxyHandler
 from proxy.web.runtime import Runtime
+from proxy.web.upstream import UpstreamPool
 
 log = logging.getLogger("rbac_proxy")
 
@@ -222,6 +223,8 @@ class Server:
         await self.proxy_runner.cleanup()  # closes the listener, waits up to shutdown_timeout
         await self.admin_runner.cleanup()
         rt.audit.flush()
+        if rt.upstream_pool is not None:
+            await rt.upstream_pool.close()
         if rt.session is not None:
             await rt.session.close()
         await rt.authenticator.close()
@@ -250,6 +253,15 @@ async def start(
         cookie_jar=DummyCookieJar(),  # never mix cookies between callers
         skip_auto_headers=("User-Agent",),
     )
+    # Plain HTTP goes through the lean pool (proxy/web/upstream.py); the session above keeps
+    # WebSocket upgrades. RBAC_PROXY_UPSTREAM_CLIENT=aiohttp sends everything through the
+    # session (an A/B switch for benchmarks and a fallback), read once here.
+    client = os.environ.get("RBAC_PROXY_UPSTREAM_CLIENT", "lean")
+    if client not in ("lean", "aiohttp"):
+        await rt.session.close()
+        raise StartupError(f"RBAC_PROXY_UPSTREAM_CLIENT={client!r}: expected lean or aiohttp")
+    if client == "lean":
+        rt.upstream_pool = UpstreamPool(rt.upstream, connect_timeout=settings.connect_timeout)
     # No aiohttp access log on the proxy port: the audit log is the per-request record.
     proxy_server = web.Server(ProxyHandler(rt), handler_cancellation=True, access_log=None)
     proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=settings.shutdown_timeout)
@@ -268,6 +280,8 @@ async def start(
         await proxy_runner.cleanup()
         await admin_runner.cleanup()
         await rt.session.close()
+        if rt.upstream_pool is not None:
+            await rt.upstream_pool.close()
         raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
     server = Server(
         rt, proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner)

@@ -1,0 +1,457 @@
+"""A lean keep-alive HTTP/1.1 client to the one upstream, for the plain forwarding path."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterable
+from typing import Any
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
+from aiohttp.streams import StreamReader
+from yarl import URL
+
+# RFC 9112 §2.3 puts no limit on a header section; we do, so a hostile or broken upstream
+# cannot make us buffer without bound. More than this is an upstream error (502).
+MAX_HEAD = 64 * 1024
+# The response body buffer: the parser pauses the socket above 2x this (aiohttp's default).
+READ_LIMIT = 64 * 1024
+# RFC 9110 §9.2.2: methods a client may repeat without changing the result; only these are
+# retried, and only when the request carried no body and no response byte had arrived.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+class UpstreamFailure(Exception):
+    """No usable response head: `kind` is connect (refused, reset, malformed) or timeout."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
+class BodyBroken(Exception):
+    """The upstream failed after the response head (truncated or malformed body)."""
+
+
+class _Stale(Exception):
+    """A reused connection closed before any byte of the response: safe to retry once."""
+
+
+class _Connection(BaseProtocol):
+    """One upstream TCP (or TLS) connection, driven by aiohttp's C response parser."""
+
+    __slots__ = (
+        "_body_task",
+        "_head_bytes",
+        "_pool",
+        "_timer",
+        "_waiter",
+        "closed",
+        "idle_since",
+        "payload",
+        "reused",
+        "started",
+    )
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: UpstreamPool) -> None:
+        super().__init__(loop)
+        self._pool = pool
+        self._waiter: asyncio.Future[RawResponseMessage] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._body_task: asyncio.Task[None] | None = None
+        self._head_bytes = 0
+        self.payload: StreamReader | None = None
+        self.closed = False
+        self.reused = False
+        self.started = False  # a response byte arrived for the current request
+        self.idle_since = 0.0
+
+    # --- asyncio.Protocol ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:
+            # Bytes nobody asked for (or after a finished response): the connection's framing
+            # can no longer be trusted.
+            if data:
+                self.close()
+            return
+        self.started = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._head_bytes += len(data)
+        try:
+            messages, upgraded, _tail = parser.feed_data(data)
+        except Exception as exc:  # any parser error: the framing is lost (RFC 9112 §6.3)
+            self._fail(exc)
+            return
+        if upgraded:
+            self._fail(ValueError("unrequested protocol switch"))
+            return
+        for message, payload in messages:
+            if waiter is None or waiter.done():
+                # A second final response to one request: response splitting, never relayed.
+                self._fail(ValueError("extra response"))
+                return
+            code = message.code
+            if 100 <= code < 200:
+                # RFC 9110 §15.2: interim responses (100 Continue, 103 Early Hints) are not
+                # the answer; 101 was never asked for on this path.
+                if code == 101:
+                    self._fail(ValueError("unrequested 101 Switching Protocols"))
+                    return
+                continue
+            if self._head_bytes > MAX_HEAD and _head_size(message) > MAX_HEAD:
+                self._fail(ValueError("response header section too large"))
+                return
+            self.payload = payload
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            waiter.set_result(message)
+        if waiter is not None and not waiter.done() and self._head_bytes > MAX_HEAD:
+            self._fail(ValueError("response header section too large"))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self.closed = True
+        self._pool._forget(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        parser = self._parser
+        self._parser = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self.reused and not self.started:
+                waiter.set_exception(_Stale())
+            else:
+                waiter.set_exception(ConnectionResetError("upstream closed the connection"))
+            return
+        payload = self.payload
+        if parser is not None and payload is not None and not payload.is_eof():
+            try:
+                # Completes a close-delimited body; raises for a truncated one.
+                parser.feed_eof()
+            except Exception as err:
+                payload.set_exception(BodyBroken(type(err).__name__))
+            else:
+                if not payload.is_eof():
+                    payload.set_exception(BodyBroken("connection closed"))
+        if self._body_task is not None:
+            self._body_task.cancel()
+
+    # --- one exchange ------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(UpstreamFailure("connect", f"bad upstream response: {exc}"))
+        elif self.payload is not None and not self.payload.is_eof():
+            self.payload.set_exception(BodyBroken(type(exc).__name__))
+        self._parser = None
+        self.close()
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(TimeoutError())
+        self.close()
+
+    def close(self) -> None:
+        """Drop the connection (it never goes back to the pool)."""
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+        if self._body_task is not None and not self._body_task.done():
+            self._body_task.cancel()
+
+    def begin(
+        self, head: bytes, *, with_body: bool, deadline: float
+    ) -> asyncio.Future[RawResponseMessage]:
+        loop = self._loop
+        self._parser = HttpResponseParser(
+            self,
+            loop,
+            READ_LIMIT,
+            max_line_size=8190,
+            max_headers=256,
+            max_field_size=MAX_HEAD,
+            response_with_body=with_body,
+            read_until_eof=True,  # a response without framing ends at close (RFC 9112 §6.3)
+            auto_decompress=False,  # the client gets the upstream's bytes unchanged
+        )
+        self._head_bytes = 0
+        self.started = False
+        self.payload = None
+        self._waiter = waiter = loop.create_future()
+        self._timer = loop.call_at(deadline, self._on_timeout)
+        assert self.transport is not None
+        self.transport.write(head)
+        return waiter
+
+    def send_body(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+        self._body_task = asyncio.get_running_loop().create_task(self._pump(body, chunked))
+
+    async def _pump(self, body: AsyncIterable[bytes], chunked: bool) -> None:
+        try:
+            async for chunk in body:
+                transport = self.transport
+                if transport is None:
+                    return
+                if chunked:
+                    if chunk:
+                        # RFC 9112 §7.1: size in hex, CRLF, data, CRLF.
+                        transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
+                if self._paused:
+                    await self._drain_helper()  # bounded memory for big uploads
+            if chunked and self.transport is not None:
+                self.transport.write(b"0\r\n\r\n")
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The client's body failed (it left, or sent bad chunking): the upstream must
+            # not see a request that looks complete.
+            self.close()
+
+    def finish(self) -> bool:
+        """After the response: True if the connection can carry another request."""
+        self._waiter = None
+        body_task = self._body_task
+        self._body_task = None
+        payload = self.payload
+        self.payload = None
+        parser = self._parser
+        self._parser = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        return (
+            not self.closed
+            and parser is not None
+            and payload is not None
+            and payload.is_eof()
+            and payload.exception() is None
+            and (body_task is None or (body_task.done() and not body_task.cancelled()))
+        )
+
+
+def _head_size(message: RawResponseMessage) -> int:
+    return sum(len(name) + len(value) + 4 for name, value in message.raw_headers)
+
+
+class UpstreamResponse:
+    """A response head plus its streaming body; `release()` returns the connection if clean."""
+
+    __slots__ = ("_conn", "_keep", "body", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection, message: RawResponseMessage) -> None:
+        self._conn = conn
+        self._keep = not message.should_close
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: Any = message.headers  # CIMultiDictProxy[str]
+        payload = conn.payload
+        assert payload is not None
+        self.body: StreamReader = payload
+
+    def release(self) -> None:
+        """Back to the pool when the body was read to its end and nobody said close."""
+        conn = self._conn
+        if conn.finish() and self._keep:
+            conn._pool._release(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Drop the connection: the response was not read to its end (client left, error)."""
+        self._conn.finish()
+        self._conn.close()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream host:port; idle ones reused most-recent first."""
+
+    def __init__(
+        self,
+        url: URL,
+        *,
+        connect_timeout: float,
+        max_idle: int = 256,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        self.host = url.raw_host or ""
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if url.scheme == "https" else None
+        )
+        # RFC 9110 §7.2: the Host an HTTP/1.0 client left out is the upstream's authority.
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.authority = host if url.explicit_port is None else f"{host}:{self.port}"
+        self._connect_timeout = connect_timeout
+        self._max_idle = max_idle
+        self._idle_timeout = idle_timeout
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self._closed = False
+
+    async def request(
+        self,
+        method: str,
+        head: bytes,
+        body: AsyncIterable[bytes] | None,
+        *,
+        chunked: bool,
+        timeout: float,
+    ) -> UpstreamResponse:
+        """Send a request head (and stream its body); wait for the response head.
+
+        `timeout` bounds the time to the response head, connect included. Raises
+        UpstreamFailure; a reused connection that turned out closed is retried once on a new
+        connection when the request is idempotent and bodiless.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn = self._take(loop.time())
+        if conn is None:
+            conn = await self._connect(deadline)
+        try:
+            message = await self._exchange(conn, method, head, body, chunked, deadline)
+        except _Stale:
+            if body is not None or method not in IDEMPOTENT:
+                raise UpstreamFailure(
+                    "connect", "upstream closed a kept-alive connection"
+                ) from None
+            conn = await self._connect(deadline)
+            try:
+                message = await self._exchange(conn, method, head, body, chunked, deadline)
+            except _Stale:  # a fresh connection is never marked reused; kept for mypy
+                raise UpstreamFailure("connect", "upstream closed the connection") from None
+        return UpstreamResponse(conn, message)
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        method: str,
+        head: bytes,
+        body: AsyncIterable[bytes] | None,
+        chunked: bool,
+        deadline: float,
+    ) -> RawResponseMessage:
+        self._busy.add(conn)
+        ok = False
+        try:
+            waiter = conn.begin(head, with_body=method != "HEAD", deadline=deadline)
+            if body is not None:
+                conn.send_body(body, chunked)
+            message = await waiter
+            ok = True
+            return message
+        except TimeoutError:
+            raise UpstreamFailure("timeout", "upstream did not answer in time") from None
+        except ConnectionError as exc:
+            raise UpstreamFailure("connect", f"upstream closed: {type(exc).__name__}") from None
+        finally:
+            if not ok:  # cancelled (client left), failed or timed out: never reused
+                conn.finish()
+                conn.close()
+
+    async def _connect(self, deadline: float) -> _Connection:
+        if self._closed:
+            raise UpstreamFailure("connect", "upstream pool closed")
+        loop = asyncio.get_running_loop()
+        limit = min(deadline, loop.time() + self._connect_timeout)
+        try:
+            async with asyncio.timeout_at(limit):
+                _transport, conn = await loop.create_connection(
+                    lambda: _Connection(loop, self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
+        except TimeoutError:
+            # Like nginx's proxy_connect_timeout: no timely answer from the upstream is a 504.
+            raise UpstreamFailure("timeout", "upstream connect timed out") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise UpstreamFailure(
+                "connect", f"upstream unavailable: {type(exc).__name__}"
+            ) from None
+        return conn
+
+    def _take(self, now: float) -> _Connection | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.transport is None:
+                continue
+            if now - conn.idle_since > self._idle_timeout:
+                conn.close()
+                continue
+            conn.reused = True
+            return conn
+        return None
+
+    def _release(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        if self._closed or len(self._idle) >= self._max_idle:
+            conn.close()
+            return
+        conn.idle_since = conn._loop.time()
+        idle = self._idle
+        idle.append(conn)
+        # Most-recent-first reuse leaves the oldest at the bottom: expire it lazily here.
+        oldest = idle[0]
+        if conn.idle_since - oldest.idle_since > self._idle_timeout:
+            idle.pop(0)
+            oldest.close()
+
+    def _forget(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        if conn in self._idle:
+            self._idle.remove(conn)
+
+    @property
+    def idle(self) -> int:
+        """Connections waiting in the pool (for tests and debugging)."""
+        return len(self._idle)
+
+    async def close(self) -> None:
+        """Close every connection, idle and busy (shutdown, after draining)."""
+        self._closed = True
+        conns = [*self._idle, *self._busy]
+        self._idle.clear()
+        self._busy.clear()
+        for conn in conns:
+            conn.close()
+        # Let the transports deliver connection_lost before the loop goes away.
+        with contextlib.suppress(Exception):
+            await asyncio.sleep(0)
+
+
+def request_head(
+    method: str, target: str, headers: Any, authority: str, *, chunked: bool
+) -> bytes:
+    """The request line and header section as one buffer (one transport.write).
+
+    `headers` is a CIMultiDict of the filtered, injected headers. A CR or LF inside a name or
+    value would let a value (say a JWT claim) inject a header or a second request (request
+    splitting, CWE-113), so any such value refuses the request.
+    """
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    if "Host" not in headers:
+        lines.append(f"Host: {authority}\r\n")
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    expected = len(lines)
+    if text.count("\n") != expected or text.count("\r") != expected:
+        raise ValueError("CR or LF in a forwarded header")
+    return text.encode("utf-8", "surrogateescape")
