@@ -50,6 +50,13 @@ _DB_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
 )
+# Errors of a connection that is gone, as opposed to a query that failed on a live one.
+_STALE_CONNECTION: tuple[type[BaseException], ...] = (
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    ConnectionError,
+)
 # A DSN asyncpg cannot parse (e.g. a non-numeric port) is a ValueError: configuration, not an
 # outage, so open() raises it instead of retrying forever.
 _CONFIG_ERRORS = (ValueError,)
@@ -301,18 +308,27 @@ class PostgresStore:
         if pool is None:
             raise StoreError("the PostgreSQL role store is not open")
         deadline = time.monotonic() + self._timeout
-        try:
-            async with pool.acquire(timeout=self._timeout) as conn:
-                if not self._validated:
-                    await self._check_queries(conn)
-                remaining = max(0.001, deadline - time.monotonic())
-                if arg is None:
-                    return await conn.fetch(sql, timeout=remaining)
-                return await conn.fetch(sql, arg, timeout=remaining)
-        except ValueError as exc:  # the query contract, found on a late first connection
-            raise StoreError(str(exc)) from exc
-        except _DB_ERRORS as exc:
-            raise StoreError(f"PostgreSQL role store: {_describe(exc)}") from exc
+        for attempt in (1, 2):
+            try:
+                async with pool.acquire(timeout=self._timeout) as conn:
+                    if not self._validated:
+                        await self._check_queries(conn)
+                    remaining = max(0.001, deadline - time.monotonic())
+                    if arg is None:
+                        return await conn.fetch(sql, timeout=remaining)
+                    return await conn.fetch(sql, arg, timeout=remaining)
+            except ValueError as exc:  # the query contract, found on a late first connection
+                raise StoreError(str(exc)) from exc
+            except _STALE_CONNECTION as exc:
+                # A pooled connection that died with the server (restart, failover, idle
+                # kill): these lookups are read-only, so one retry on a fresh connection
+                # hides the restart from callers.
+                if attempt == 2 or time.monotonic() >= deadline:
+                    raise StoreError(f"PostgreSQL role store: {_describe(exc)}") from exc
+                log.info("PostgreSQL connection lost (%s); retrying once", _describe(exc))
+            except _DB_ERRORS as exc:
+                raise StoreError(f"PostgreSQL role store: {_describe(exc)}") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _check_queries(self, conn: Any) -> None:
         """Raise ValueError when the queries break the contract.
