@@ -29,7 +29,10 @@ def _free_port() -> int:
 
 
 class Workers:
-    def __init__(self, proc: asyncio.subprocess.Process, port: int, admin: int, metrics: Path):
+    def __init__(
+        self, proc: asyncio.subprocess.Process, port: int, admin: int, metrics: Path, routes: Path
+    ) -> None:
+        self.routes = routes
         self.proc = proc
         self.url = f"http://127.0.0.1:{port}"
         self.admin = f"http://127.0.0.1:{admin}"
@@ -63,11 +66,15 @@ class Workers:
 async def workers(backend: Backend, tmp_path: Path) -> AsyncIterator[Workers]:
     port, admin = _free_port(), _free_port()
     metrics = tmp_path / "metrics"
+    routes = tmp_path / "routes.yaml"
+    # Without its tests: the SIGHUP test edits a role in a way the shipped cases would refuse.
+    routes.write_text(Path(SHIPPED_ROUTES).read_text().split("\ntests:", 1)[0] + "\n")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(metrics), RBAC_PROXY_ADMIN_TOKEN="t0k")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "serve",
         "--upstream", backend.url,
-        "--routes", SHIPPED_ROUTES,
+        "--routes", str(routes),
+        "--reload-interval", "0",
         "--store", f"file:{SHIPPED_MEMBERS}",
         "--listen", f"127.0.0.1:{port}",
         "--admin-listen", f"127.0.0.1:{admin}",
@@ -77,7 +84,7 @@ async def workers(backend: Backend, tmp_path: Path) -> AsyncIterator[Workers]:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    w = Workers(proc, port, admin, metrics)
+    w = Workers(proc, port, admin, metrics, routes)
     async with ClientSession() as session:
         for _ in range(200):  # bounded wait for readiness (≤ 20 s)
             try:
@@ -171,3 +178,20 @@ def _child_pids(parent: int) -> list[int]:
         if ppid == parent:
             out.append(int(entry.name))
     return sorted(out)
+
+
+async def test_sighup_reaches_every_worker(workers: Workers) -> None:
+    assert await _burst(workers.url, 20) == [200] * 20
+    # Developers lose workflows:read: bob's request must now be denied by BOTH workers.
+    text = workers.routes.read_text()
+    edited = text.replace('- "workflows:*"', "- workflows:create", 1)
+    assert edited != text
+    workers.routes.write_text(edited)
+    workers.proc.send_signal(signal.SIGHUP)
+    statuses: list[int] = []
+    for _ in range(50):  # ≤ ~5 s until both workers reloaded
+        statuses = await _burst(workers.url, 20)
+        if statuses == [403] * 20:
+            break
+        await asyncio.sleep(0.1)
+    assert statuses == [403] * 20
