@@ -109,6 +109,9 @@ def _valid_id(value: str, *, allow_comma: bool) -> bool:
         return False
     if not allow_comma and "," in value:
         return False
+    if value.isascii():
+        # Printable ASCII has no control or format characters: skip the per-character check.
+        return value.isprintable()
     return not any(unicodedata.category(ch) in _FORBIDDEN_CATEGORIES for ch in value)
 
 
