@@ -176,6 +176,12 @@ class _RelayedResponse(web.StreamResponse):
             self.headers.popall(hdrs.CONTENT_TYPE, None)
 
 
+class _WholeRelayedResponse(_RelayedResponse):
+    """A relayed response whose body is already here: the head waits for it (one write)."""
+
+    _send_headers_immediately = False
+
+
 async def _body(request: web.BaseRequest) -> AsyncIterator[bytes]:
     # Stream the client's body: never request.read() (a 1 GiB upload stays in bounded memory).
     async for chunk in request.content.iter_chunked(CHUNK):
@@ -271,13 +277,18 @@ async def forward_lean(
     except ValueError as exc:
         raise UpstreamError("connect", str(exc)) from None
     try:
-        upstream = await pool.request(
-            method, head, body, chunked=chunked, timeout=upstream_timeout
-        )
+        upstream = await pool.request(method, head, body, chunked=chunked, timeout=upstream_timeout)
     except UpstreamFailure as exc:
         raise UpstreamError(exc.kind, str(exc)) from None
     to_headers = loop.time() - started
-    response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
+    reader = upstream.body
+    with_body = method != "HEAD" and upstream.status not in (204, 304)
+    # A small answer is usually complete by now: head and body then leave in one write.
+    # Anything still arriving (downloads, SSE) gets its head at once and streams.
+    whole = not with_body or reader.is_eof()
+    response = (_WholeRelayedResponse if whole else _RelayedResponse)(
+        status=upstream.status, reason=upstream.reason
+    )
     clean = False
     try:
         response_headers(upstream.headers, response.headers)
@@ -286,11 +297,12 @@ async def forward_lean(
         if hdrs.CONTENT_LENGTH not in upstream.headers and method != "HEAD":
             response.enable_chunked_encoding()
         await response.prepare(request)
-        if method != "HEAD" and upstream.status not in (204, 304):
-            reader = upstream.body
+        if whole:
+            await response.write_eof(reader.read_nowait(-1) if with_body else b"")
+        else:
             while chunk := await reader.readany():
                 await response.write(chunk)
-        await response.write_eof()
+            await response.write_eof()
         clean = True
     except BodyBroken as exc:
         # As in forward_http: the status line is out, so cut the client connection.

@@ -231,14 +231,21 @@ class _Connection(BaseProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        return (
-            not self.closed
-            and parser is not None
-            and payload is not None
-            and payload.is_eof()
-            and payload.exception() is None
-            and (body_task is None or (body_task.done() and not body_task.cancelled()))
-        )
+        if (
+            self.closed
+            or parser is None
+            or payload is None
+            or not payload.is_eof()
+            or payload.exception() is not None
+            or (body_task is not None and (not body_task.done() or body_task.cancelled()))
+        ):
+            return False
+        try:
+            # Bytes after the response's end that began another message (in the same read):
+            # an unasked-for answer the next request would otherwise inherit.
+            return parser.feed_eof() is None
+        except Exception:
+            return False
 
 
 def _head_size(message: RawResponseMessage) -> int:
@@ -434,9 +441,7 @@ class UpstreamPool:
             await asyncio.sleep(0)
 
 
-def request_head(
-    method: str, target: str, headers: Any, authority: str, *, chunked: bool
-) -> bytes:
+def request_head(method: str, target: str, headers: Any, authority: str, *, chunked: bool) -> bytes:
     """The request line and header section as one buffer (one transport.write).
 
     `headers` is a CIMultiDict of the filtered, injected headers. A CR or LF inside a name or
