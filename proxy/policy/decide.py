@@ -138,8 +138,10 @@ def authorize(
     if resolution.denial is Reason.PLAN_RESTRICTED:
         message = resolution.message
         return _verdict(policy, route, Reason.PLAN_RESTRICTED, project, org, role, message)
-    if route.authenticated:
-        # authenticated: true needs only an honoured membership of the organization.
+    if route.authenticated and (project is None or resolution.denial is None):
+        # authenticated: true needs only an honoured membership of the organization; on a
+        # project route that means a role on that project (a binding to another project of
+        # the org is not access to this one).
         return _verdict(policy, route, Reason.ALLOWED, project, org, role, "")
     if resolution.denial is not None or role is None:
         message = resolution.message

@@ -583,3 +583,45 @@ def test_inline_fixtures_are_what_the_tables_assume() -> None:
     assert DIRECTORY.project_org("s1") == "small"
     assert "workflows:deploy" in ENFORCE.roles["developer"].granted
     assert "workflows_archive:read" not in ENFORCE.roles["developer"].granted
+
+
+def test_authenticated_project_route_needs_a_role_on_that_project() -> None:
+    """Review finding: a binding to proj-staging must not open proj-prod's authenticated route."""
+    from proxy.policy.compile import compile_policy
+    from proxy.policy.evaluate import evaluate
+    from proxy.policy.members import parse_members
+    from proxy.policy.model import Identity, Reason
+    from proxy.yamlsource import parse_yaml
+
+    policy = compile_policy(
+        parse_yaml(
+            "version: 1\n"
+            "roles: {developer: {permissions: [x:read]}}\n"
+            "plans: {'*': {roles: [developer], project_bindings: true}}\n"
+            "routes:\n"
+            "  - path: /api/projects/{project_id}/overview\n"
+            "    methods: [GET]\n"
+            "    authenticated: true\n"
+            "  - path: /x\n"
+            "    methods: [GET]\n"
+            "    permission: x:read\n",
+            "r.yaml",
+        ),
+        "r.yaml",
+    )
+    directory = parse_members(
+        parse_yaml(
+            "orgs:\n  acme:\n    plan: enterprise\n    projects: [p1, p2]\n"
+            "    members: {carol: {projects: {p2: developer}}, bob: developer}\n",
+            "m.yaml",
+        ),
+        "m.yaml",
+    )
+
+    def reason(user: str, project: str) -> Reason:
+        path = f"/api/projects/{project}/overview"
+        return evaluate(policy, "GET", path, Identity(user), directory).decision.reason
+
+    assert reason("carol", "p2") is Reason.ALLOWED
+    assert reason("carol", "p1") is Reason.MISSING_PERMISSION
+    assert reason("bob", "p1") is Reason.ALLOWED
