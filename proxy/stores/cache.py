@@ -17,7 +17,7 @@ T = TypeVar("T")
 
 LookupResult = Literal["hit", "miss", "stale", "negative"]
 _Kind = Literal["user", "project"]
-# Users and projects share one bounded cache (one --cache-size) under distinct keys.
+# Users and projects live in separate bounded caches: --cache-size users, a tenth for projects.
 _Key = tuple[_Kind, str]
 _MISSING = object()  # "no fresh entry" where None is a valid cached answer (unknown project)
 
@@ -76,8 +76,13 @@ class RoleCache:
         self._on_lookup = on_lookup
         # Entries are kept as long as any use remains (fresh or stale fallback); freshness
         # is then judged per entry from fetched_at, positive and negative answers apart.
-        self._cache: TTLCache[_Key, _Entry] = TTLCache(
-            maxsize=maxsize, ttl=max(ttl, negative_ttl, stale_ttl), timer=clock
+        keep = max(ttl, negative_ttl, stale_ttl)
+        self._users: TTLCache[_Key, _Entry] = TTLCache(maxsize=maxsize, ttl=keep, timer=clock)
+        # Project ids come from request paths, i.e. from callers: a flood of made-up ids may
+        # churn this smaller cache but can never evict users' entries (and their stale
+        # fallback) from the other one.
+        self._projects: TTLCache[_Key, _Entry] = TTLCache(
+            maxsize=max(100, maxsize // 10), ttl=keep, timer=clock
         )
         self._inflight: dict[_Key, _Flight] = {}
         self._shared = MembershipInterner()
@@ -107,7 +112,7 @@ class RoleCache:
         return None if found is _MISSING else (cast("str | None", found),)
 
     def _fresh(self, key: _Key, negative: Callable[[Any], bool]) -> object:
-        entry = self._cache.get(key)
+        entry = self._cache(key).get(key)
         if entry is None:
             return _MISSING
         is_negative = negative(entry.value)
@@ -119,14 +124,14 @@ class RoleCache:
     def invalidate(self, user: str | None = None) -> int:
         """Drop one user's memberships (or everything, for None); returns entries dropped."""
         if user is None:
-            self._cache.expire()
-            dropped = len(self._cache)
-            self._cache.clear()
+            dropped = len(self)
+            self._users.clear()
+            self._projects.clear()
             flights = list(self._inflight.values())
             self._inflight.clear()
         else:
             key: _Key = ("user", user)
-            dropped = 0 if self._cache.pop(key, None) is None else 1
+            dropped = 0 if self._users.pop(key, None) is None else 1
             flight = self._inflight.pop(key, None)
             flights = [] if flight is None else [flight]
         # Lookups that start from now on must ask the store again, and the calls already
@@ -136,13 +141,14 @@ class RoleCache:
         return dropped
 
     def __len__(self) -> int:
-        self._cache.expire()
-        return len(self._cache)
+        self._users.expire()
+        self._projects.expire()
+        return len(self._users) + len(self._projects)
 
     async def _lookup(
         self, key: _Key, fetch: Callable[[], Awaitable[T]], negative: Callable[[T], bool]
     ) -> Cached[T]:
-        entry = self._cache.get(key)
+        entry = self._cache(key).get(key)
         if entry is not None:
             value = cast(T, entry.value)
             is_negative = negative(value)
@@ -160,7 +166,7 @@ class RoleCache:
         except (StoreError, TimeoutError) as exc:
             # Re-read: an invalidation during the call means the old entry must not be served.
             # Windows are half-open like the TTLs: usable while age < stale_ttl.
-            entry = self._cache.get(key)
+            entry = self._cache(key).get(key)
             if entry is not None and self._clock() - entry.fetched_at < self._stale_ttl:
                 self._report("stale")
                 return Cached(cast(T, entry.value), stale=True)
@@ -170,6 +176,9 @@ class RoleCache:
             raise StoreError(f"role store timed out ({self._store.backend})") from exc
         self._report("miss")
         return Cached(fetched, stale=False)
+
+    def _cache(self, key: _Key) -> TTLCache[_Key, _Entry]:
+        return self._users if key[0] == "user" else self._projects
 
     def _start(self, key: _Key, fetch: Callable[[], Awaitable[T]]) -> _Flight:
         started = self._clock()
@@ -181,7 +190,7 @@ class RoleCache:
                 value = self._shared(cast("tuple[Membership, ...]", value))
             # No await between here and the store: an invalidation is seen or not, atomically.
             if flight.current:
-                self._cache[key] = _Entry(value, started)
+                self._cache(key)[key] = _Entry(value, started)
             return value
 
         flight = _Flight(asyncio.create_task(run()))

@@ -158,6 +158,18 @@ async def test_size_is_bounded() -> None:
     assert s.results[-1] == "miss"
 
 
+async def test_made_up_project_ids_never_evict_users() -> None:
+    """Review finding: project ids come from callers; a flood must not push users out."""
+    s = Setup(maxsize=50)
+    s.store.members["alice"] = (ACME,)
+    await s.cache.memberships("alice")
+    for i in range(1000):
+        await s.cache.project_org(f"made-up-{i}")  # unknown: cached negative answers
+    await s.cache.memberships("alice")
+    assert s.results[-1] == "hit"
+    assert len(s.cache) == 1 + 100  # alice + the project cache's own bound (max(100, 50 // 10))
+
+
 async def test_len_does_not_count_expired_entries() -> None:
     s = Setup(ttl=30, negative_ttl=5, stale_ttl=60)
     await s.cache.memberships("alice")
