@@ -237,6 +237,11 @@ async def forward_http(
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
         await response.write_eof()
+    except ConnectionError:
+        # First: a write to a client that left raises ClientConnectionResetError, which is a
+        # ClientError too and was miscounted as a broken upstream.
+        upstream.close()  # the client left: drop the upstream request too
+        raise
     except (ClientError, asyncio.IncompleteReadError) as exc:
         # The upstream broke mid-stream: the status line is out, so the only honest signal
         # left is to cut the client connection (never a clean, truncated body).
@@ -244,9 +249,6 @@ async def forward_http(
         if request.transport is not None:
             request.transport.close()
         raise BrokenUpstream(response, type(exc).__name__) from None
-    except ConnectionError:
-        upstream.close()  # the client left: drop the upstream request too
-        raise
     finally:
         upstream.release()
     return response, to_headers

@@ -462,8 +462,9 @@ async def test_chunked_request_body_arrives_intact(start_backend: StartBackend) 
 
 
 async def test_smuggling_shaped_upstream_answer_is_a_502_through_the_proxy(
-    raw: Callable[..., Awaitable[Raw]], start_proxy: StartProxy
+    raw: Callable[..., Awaitable[Raw]], start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.delenv("RBAC_PROXY_UPSTREAM_CLIENT", raising=False)
     bad = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\nok"
     state = await start(raw, answer(bad))
     proxy = await start_proxy(f"http://127.0.0.1:{state.port}")
