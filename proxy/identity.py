@@ -526,6 +526,10 @@ class JwtAuthenticator:
         cookies: Mapping[str, str],
     ) -> Identity:
         token = self._token(headers, cookies)
+        if not token.isascii():
+            # A JWT is base64url and dots; other bytes (aiohttp hands them over as lone
+            # surrogates) would make PyJWT raise UnicodeEncodeError, i.e. a 500.
+            raise _invalid("malformed token")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -16,6 +16,13 @@ class StoreError(Exception):
     """
 
 
+class StoreRefused(StoreError):
+    """The store answered this one question with a client error (e.g. HTTP 400 for an id it
+    rejects): still no usable answer (503, fail closed), but not evidence that the store is
+    down, so it does not count towards the circuit breaker. Otherwise any caller could open
+    the breaker for everyone by asking about ids the store refuses."""
+
+
 class RoleStore(Protocol):
     """What the proxy asks a role store (SPEC §6); backends satisfy it structurally."""
 

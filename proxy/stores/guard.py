@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Literal, TypeVar
 
 from proxy.policy.model import Membership
-from proxy.stores.base import RoleStore, StoreError
+from proxy.stores.base import RoleStore, StoreError, StoreRefused
 
 T = TypeVar("T")
 CircuitState = Literal["closed", "open", "half_open"]
@@ -97,6 +97,9 @@ class GuardedStore:
             raise StoreError(
                 f"role store timed out after {self.timeout:g}s ({self.backend})"
             ) from None
+        except StoreRefused:
+            self._succeeded(started)  # the store is up and answering: one question refused
+            raise
         except StoreError:
             self._failed(trial, started)
             raise

@@ -12,7 +12,7 @@ import aiohttp
 from yarl import URL
 
 from proxy.policy.model import Membership
-from proxy.stores.base import StoreError
+from proxy.stores.base import StoreError, StoreRefused
 
 MAX_BODY = 1024 * 1024  # a membership answer is small; a larger body is a broken store
 MAX_CONNECTIONS = 32  # bounded pool: a slow store cannot make the proxy open sockets forever
@@ -145,6 +145,10 @@ class HttpStore:
 
 
 def _expect_object(status: int, body: bytes) -> Mapping[str, Any]:
+    if 400 <= status < 500 and status not in (401, 403, 407, 408, 429):
+        # A client error about this one key; auth failures, timeouts and rate limits are
+        # store-wide trouble and count as outages.
+        raise StoreRefused(f"http store refused the lookup ({status})")
     if status != 200:
         raise StoreError(f"http store answered {status}")
     try:

@@ -77,7 +77,10 @@ def _authorized(request: web.Request) -> web.Response | None:
     sent = request.headers.get("Authorization", "")
     expected = f"Bearer {token}"
     # Constant-time comparison: the admin token must not leak through timing.
-    if not hmac.compare_digest(sent.encode(), expected.encode()):
+    # surrogateescape: a raw non-UTF-8 byte in the header must be a 401, never a 500.
+    if not hmac.compare_digest(
+        sent.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    ):
         return web.json_response(
             {"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"}
         )

@@ -344,7 +344,13 @@ class ProxyHandler:
             async with asyncio.timeout(backstop):
                 memberships = (await rt.cache.memberships(identity.user)).value
             async with asyncio.timeout(backstop):
-                owner = (await rt.cache.project_org(project)).value if project else None
+                # No membership, no project lookup: a caller must not be able to make the
+                # proxy ask the store about arbitrary ids (review finding).
+                owner = (
+                    (await rt.cache.project_org(project)).value
+                    if project and memberships
+                    else None
+                )
         except (StoreError, TimeoutError):
             resp = _json_error(
                 503, Reason.STORE_UNAVAILABLE.value, rid, hdr, "role store unavailable"
@@ -356,7 +362,9 @@ class ProxyHandler:
         reason: Reason | None = None
         if project is not None:
             membership = next((m for m in memberships if m.org == owner), None)
-            if owner is None:
+            if not memberships:
+                reason = Reason.NOT_A_MEMBER
+            elif owner is None:
                 reason = Reason.UNKNOWN_PROJECT
             elif membership is None or (identity.org is not None and identity.org != owner):
                 reason = Reason.NOT_A_MEMBER

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy.policy.model import Membership
-from proxy.stores.base import RoleStore, StoreError
+from proxy.stores.base import RoleStore, StoreError, StoreRefused
 from proxy.stores.guard import GuardedStore
 
 ACME = Membership(org="acme", plan="enterprise", role="admin")
@@ -44,6 +44,8 @@ class FakeStore:
             await self.gate.wait()
         if self.mode == "fail":
             raise StoreError("down")
+        if self.mode == "refuse":
+            raise StoreRefused("400 for this key")
         if self.mode == "hang":
             await asyncio.sleep(3600)
         if self.mode == "crash":
@@ -64,6 +66,8 @@ class FakeStore:
         self.pings += 1
         if self.mode == "fail":
             raise StoreError("down")
+        if self.mode == "refuse":
+            raise StoreRefused("400 for this key")
         if self.mode == "hang":
             await asyncio.sleep(3600)
 
@@ -299,3 +303,16 @@ async def test_open_and_close_delegate_and_inner_is_exposed() -> None:
 def test_rejects_nonsense_settings(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         GuardedStore(FakeStore(), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_refused_keys_never_open_the_circuit() -> None:
+    """Review finding: ids the store refuses (HTTP 400) must not switch it off for everyone."""
+    inner = FakeStore()
+    guard = GuardedStore(inner, timeout=1.0, failure_threshold=2, clock=FakeClock())
+    inner.mode = "refuse"
+    for _ in range(10):
+        with pytest.raises(StoreRefused):
+            await guard.project_org("a.b")
+    assert guard.state == "closed"
+    inner.mode = "ok"
+    assert await guard.memberships("alice") == (ACME,)

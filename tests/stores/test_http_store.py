@@ -15,7 +15,7 @@ from aiohttp import web
 from pytest_aiohttp import AiohttpServer
 
 from proxy.policy.model import Membership
-from proxy.stores.base import RoleStore, StoreError
+from proxy.stores.base import RoleStore, StoreError, StoreRefused
 from proxy.stores.http import MAX_BODY, PING_USER, HttpStore
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -182,9 +182,11 @@ async def test_other_statuses_are_store_errors(
     service.handler = handler
     with pytest.raises(StoreError, match=str(status)):
         await store.memberships("bob")
-    with pytest.raises(StoreError, match=str(status)):
+    with pytest.raises(StoreError, match=str(status)) as caught:
         await store.project_org("p1")
     assert len(service.seen) == 2
+    # Only a client error about the key itself is "refused" (not counted as an outage).
+    assert isinstance(caught.value, StoreRefused) == (status == 400)
 
 
 @pytest.mark.parametrize(

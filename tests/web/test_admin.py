@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -329,3 +330,19 @@ async def test_reload_applies_a_good_routes_file_and_refuses_a_broken_one(
     assert reloads.get("success") == 1
     assert reloads.get("failure") == 1
     assert samples(metrics, "rbac_proxy_config_routes") == [({}, 3.0)]
+
+
+async def test_non_utf8_admin_token_is_a_401_not_a_500(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """Review finding: a raw 0xFF byte in the admin Authorization header was a 500."""
+    proxy = await start_proxy(backend.url, admin_token="t0k")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.admin_port)
+    writer.write(
+        b"POST /admin/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n"
+        b"Authorization: Bearer \xff\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head

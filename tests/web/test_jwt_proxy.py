@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -276,3 +277,19 @@ async def test_hs256_signed_with_the_public_pem_is_401(
     assert body["reason"] == "invalid_credentials"
     assert 'error="invalid_token"' in headers["WWW-Authenticate"]
     assert backend.received == []
+
+
+async def test_non_ascii_bytes_in_a_token_are_a_401_not_a_500(
+    backend: Backend, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: a raw 0xFF byte in the bearer token crashed the request (500)."""
+    monkeypatch.setenv("RBAC_TEST_JWT_SECRET", "s" * 40)
+    proxy = await start_proxy(backend.url, auth="jwt", jwt_secret_env="RBAC_TEST_JWT_SECRET")
+    port = proxy.server.proxy_port
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /api/org HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer a\xffb.c.d\r\n\r\n")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 401"), head
+    assert b"X-Request-Id" in head

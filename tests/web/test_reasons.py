@@ -751,3 +751,18 @@ async def test_me(proxy: Proxy, backend: Backend) -> None:
     assert body["request_id"] == rid
 
     assert backend.received == []  # /_rbac/me is answered by the proxy, never forwarded
+
+
+async def test_rbac_me_does_not_look_up_projects_for_non_members(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """Review finding: a caller with no membership must not make the proxy query project ids."""
+    proxy = await start_proxy(backend.url)
+    cache = proxy.server.runtime.cache
+    async with aiohttp.ClientSession() as s, s.get(
+        proxy.url + "/_rbac/me?project=made-up", headers={"X-User-Id": "mallory"}
+    ) as r:
+        body = await r.json()
+    assert r.status == 200
+    assert body["reason"] == "not_a_member"
+    assert cache.fresh_project_org("made-up") is None  # never asked, never cached
