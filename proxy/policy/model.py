@@ -64,6 +64,7 @@ ERROR_WORD: Mapping[int, str] = MappingProxyType(
         401: "unauthorized",
         403: "forbidden",
         405: "method_not_allowed",
+        500: "internal_error",
         502: "bad_gateway",
         503: "service_unavailable",
         504: "gateway_timeout",

@@ -121,11 +121,32 @@ class ProxyHandler:
             if not outcome.decision.forward:
                 return self._reject(outcome, rid)
             return await self._forward(request, target, outcome, rid)
+        except ConnectionError:
+            raise  # the client is gone: nothing to answer
+        except Exception:
+            # A bug, not a decision: never forward, never aiohttp's bare text 500.
+            log.exception("unexpected error while handling a request")
+            return _json_error(500, "internal_error", rid, rid_header, "internal error")
         finally:
             rt.inflight -= 1
             rt.metrics.inflight.dec()
             if outcome is not None:
                 self._record(request, outcome, rid, path, time.perf_counter() - started)
+
+    async def _authenticate(self, request: web.BaseRequest) -> Identity:
+        try:
+            return await self.rt.authenticator.authenticate(
+                request.headers, _peer(request), self._cookies(request)
+            )
+        except AuthError:
+            raise
+        except Exception as exc:
+            # Hostile credentials that trip a bug in a verifier: fail closed as 401 (never
+            # forward, never a bare 500), and keep the traceback for whoever fixes it.
+            log.exception("authenticator failed unexpectedly")
+            raise AuthError(
+                Reason.INVALID_CREDENTIALS, "credentials could not be verified"
+            ) from exc
 
     def _cookies(self, request: web.BaseRequest) -> Mapping[str, str]:
         # Parsing the Cookie header costs on every request; only a JWT cookie needs it.
@@ -142,9 +163,7 @@ class ProxyHandler:
             rt.metrics.decision_duration.observe(time.perf_counter() - t0)
             return _Outcome(routed)
         try:
-            identity = await rt.authenticator.authenticate(
-                request.headers, _peer(request), self._cookies(request)
-            )
+            identity = await self._authenticate(request)
         except AuthError as exc:
             decision = deny_unauthenticated(policy, routed, exc.reason, exc.message)
             rt.metrics.decision_duration.observe(time.perf_counter() - t0)
@@ -329,9 +348,7 @@ class ProxyHandler:
         if request.method not in ("GET", "HEAD"):
             return _json_error(405, "bad_request", rid, hdr, "use GET")
         try:
-            identity = await rt.authenticator.authenticate(
-                request.headers, _peer(request), self._cookies(request)
-            )
+            identity = await self._authenticate(request)
         except AuthError as exc:
             resp = _json_error(401, exc.reason.value, rid, hdr, exc.message)
             resp.headers["WWW-Authenticate"] = self._challenge(

@@ -766,3 +766,25 @@ async def test_rbac_me_does_not_look_up_projects_for_non_members(
     assert r.status == 200
     assert body["reason"] == "not_a_member"
     assert cache.fresh_project_org("made-up") is None  # never asked, never cached
+
+
+async def test_an_unexpected_bug_is_a_json_500_with_the_request_id(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    """A crash in the pipeline fails closed: JSON 500, X-Request-Id, nothing forwarded."""
+    proxy = await start_proxy(backend.url)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("bug")
+
+    proxy.server.runtime.cache.fresh_memberships = broken  # type: ignore[method-assign]
+    proxy.server.runtime.cache.memberships = broken  # type: ignore[method-assign,assignment]
+    before = len(backend.received)
+    async with aiohttp.ClientSession() as s, s.get(
+        proxy.url + "/api/projects/proj-prod/workflows", headers={"X-User-Id": "bob"}
+    ) as r:
+        body = await r.json()
+    assert r.status == 500
+    assert body["error"] == "internal_error"
+    assert body["request_id"] == r.headers["X-Request-Id"]
+    assert len(backend.received) == before
