@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 
 from proxy.audit import AuditLog
@@ -34,6 +35,24 @@ from proxy.web.runtime import Runtime
 from proxy.web.upstream import UpstreamPool
 
 log = logging.getLogger("rbac_proxy")
+
+
+class _RedactBadRequests(logging.Filter):
+    """aiohttp logs a malformed request with the offending header line, which may hold a
+    bearer token: keep the fact and the error class, drop the text (no secrets in logs)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed request rejected: %s (details redacted)"
+            record.args = (type(exc).__name__,)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_REDACTOR = _RedactBadRequests()
 
 
 class StartupError(Exception):
@@ -262,8 +281,18 @@ async def start(
         raise StartupError(f"RBAC_PROXY_UPSTREAM_CLIENT={client!r}: expected lean or aiohttp")
     if client == "lean":
         rt.upstream_pool = UpstreamPool(rt.upstream, connect_timeout=settings.connect_timeout)
+    server_log = logging.getLogger("aiohttp.server")
+    if _REDACTOR not in server_log.filters:
+        server_log.addFilter(_REDACTOR)
     # No aiohttp access log on the proxy port: the audit log is the per-request record.
-    proxy_server = web.Server(ProxyHandler(rt), handler_cancellation=True, access_log=None)
+    proxy_server = web.Server(
+        ProxyHandler(rt),
+        handler_cancellation=True,
+        access_log=None,
+        # Idle keep-alive connections close after 75 s (aiohttp's default is an hour):
+        # idle sockets are not free, and a load balancer in front keeps its own pool.
+        keepalive_timeout=75,
+    )
     proxy_runner = web.ServerRunner(proxy_server, shutdown_timeout=settings.shutdown_timeout)
     admin_app = make_admin_app(rt, reload=lambda: reload_all(rt), token=admin_token)
     admin_runner = web.AppRunner(admin_app, access_log=None)

@@ -588,3 +588,19 @@ async def test_sighup_reloads_an_edited_routes_file(
         async with session.get(url, headers={"X-User-Id": "alice"}) as resp:
             assert resp.status == 200  # admin still passes: the new table, not a broken one
     assert serve_process.proc.returncode is None  # still serving after the reload
+
+
+async def test_malformed_request_logs_no_header_text(
+    backend: Backend, start_proxy: StartProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: aiohttp logged the whole bad header line, bearer token included."""
+    proxy = await start_proxy(backend.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    writer.write(
+        b"GET /api/org HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer SECRET-TOKEN\x01\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.read(200), 5)
+    writer.close()
+    assert b" 400 " in head.split(b"\r\n", 1)[0]  # aiohttp's parser refuses it
+    assert "SECRET-TOKEN" not in caplog.text
