@@ -47,6 +47,20 @@ ALWAYS_STRIPPED = frozenset(
         "x-http-method-override",
         "x-http-method",
         "x-method-override",
+        "x-original-uri",
+    }
+)
+# Headers through which a proxy vouches for the original client; honoured from trusted peers
+# only, like X-Forwarded-* (backends read them for IP allow-lists and rate limits).
+CLIENT_IP_HEADERS = frozenset(
+    {
+        "forwarded",
+        "x-real-ip",
+        "true-client-ip",
+        "x-client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "fastly-client-ip",
     }
 )
 CHUNK = 64 * 1024
@@ -118,15 +132,17 @@ def upstream_headers(
         key = normalize(name)
         if key in policy.stripped or key in HOP_BY_HOP or key in named_by_connection:
             continue
-        if key == "forwarded" or key.startswith("x-forwarded-"):
-            # Only a trusted proxy in front of us may speak for the original client.
-            if peer_trusted:
+        if key in CLIENT_IP_HEADERS or key.startswith("x-forwarded-"):
+            # Only a trusted proxy in front of us may speak for the original client, and only
+            # in the standard spelling: an `X_Forwarded_Host` that a front proxy passed
+            # through untouched is the client's, not the proxy's.
+            if peer_trusted and "_" not in name:
                 if key == "x-forwarded-for":
                     xff.append(value)
                 elif key == "x-forwarded-proto":
-                    xf_proto = value
+                    xf_proto = xf_proto or value  # the first copy: duplicates are suspect
                 elif key == "x-forwarded-host":
-                    xf_host = value
+                    xf_host = xf_host or value
                 else:
                     out.add(name, value)
             continue

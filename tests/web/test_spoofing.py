@@ -211,11 +211,46 @@ async def test_forwarding_headers_from_a_trusted_peer_are_appended_to(
     status, _ = await send(proxy, FORWARDING, target="/healthz")
     assert status == 200
     headers = last_headers(backend)
-    # Both spellings are the same header to a backend; the peer is appended last.
-    assert headers["x-forwarded-for"] == ["203.0.113.9, 198.51.100.1, 127.0.0.1"]
+    # Only the standard spelling speaks for the client (an underscore copy is what a client
+    # slipped past the front proxy); the peer is appended last.
+    assert headers["x-forwarded-for"] == ["203.0.113.9, 127.0.0.1"]
     assert headers["x-forwarded-proto"] == ["https"]
     assert headers["x-forwarded-host"] == ["evil.example"]
     assert headers["forwarded"] == ["for=203.0.113.9;proto=https;host=evil.example"]
+
+
+async def test_underscore_and_client_ip_aliases_from_a_trusted_peer(
+    proxy: Proxy, backend: Backend
+) -> None:
+    """Review finding: `X_Forwarded_Host` passed by a front proxy overrode its own value."""
+    status, _ = await send(
+        proxy,
+        [
+            "X-Forwarded-Host: real.example",
+            "X-Forwarded-Proto: https",
+            "X_Forwarded_Host: evil.example",
+            "X_Forwarded_Proto: http",
+            "X-Real-IP: 203.0.113.7",
+        ],
+        target="/healthz",
+    )
+    assert status == 200
+    headers = last_headers(backend)
+    assert headers["x-forwarded-host"] == ["real.example"]
+    assert headers["x-forwarded-proto"] == ["https"]
+    assert "x_forwarded_host" not in headers
+    assert headers["x-real-ip"] == ["203.0.113.7"]  # trusted peer: its client-IP header stays
+
+
+async def test_client_ip_aliases_from_an_untrusted_peer_are_dropped(
+    backend: Backend, start_proxy: StartProxy
+) -> None:
+    proxy = await start_proxy(backend.url, trusted_proxies="192.0.2.0/24")
+    names = ["X-Real-IP", "True-Client-IP", "X-Client-IP", "CF-Connecting-IP", "X-Original-URI"]
+    status, _ = await send(proxy, [f"{n}: 1.2.3.4" for n in names], target="/healthz")
+    assert status == 200
+    headers = last_headers(backend)
+    assert not {n.lower() for n in names} & set(headers)
 
 
 # --- rewrite and method-override headers and parameters -------------------------------------
