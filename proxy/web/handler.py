@@ -162,6 +162,13 @@ class ProxyHandler:
         if isinstance(routed, Decision):
             rt.metrics.decision_duration.observe(time.perf_counter() - t0)
             return _Outcome(routed)
+        if upgrades and not _valid_websocket_handshake(request):
+            # RFC 6455 §4.2.1: refuse a broken handshake before authorizing or connecting
+            # upstream (a HEAD or version-8 "upgrade" must not reach the backend's socket).
+            bad = Decision(
+                Reason.BAD_REQUEST, False, route=routed.route, message="bad WebSocket handshake"
+            )
+            return _Outcome(bad)
         try:
             identity = await self._authenticate(request)
         except AuthError as exc:
@@ -364,9 +371,7 @@ class ProxyHandler:
                 # No membership, no project lookup: a caller must not be able to make the
                 # proxy ask the store about arbitrary ids (review finding).
                 owner = (
-                    (await rt.cache.project_org(project)).value
-                    if project and memberships
-                    else None
+                    (await rt.cache.project_org(project)).value if project and memberships else None
                 )
         except (StoreError, TimeoutError):
             resp = _json_error(
@@ -450,6 +455,17 @@ def _store_backstop(rt: Runtime) -> float:
     users closed with 503, so this one only catches a store without its own timeout.
     """
     return 2 * rt.settings.store_timeout
+
+
+def _valid_websocket_handshake(request: web.BaseRequest) -> bool:
+    headers = request.headers
+    tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    return (
+        request.method == "GET"
+        and "upgrade" in tokens
+        and bool(headers.get("Sec-WebSocket-Key"))
+        and headers.get("Sec-WebSocket-Version") == "13"
+    )
 
 
 def _peer(request: web.BaseRequest) -> str | None:
