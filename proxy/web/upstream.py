@@ -255,11 +255,12 @@ def _head_size(message: RawResponseMessage) -> int:
 class UpstreamResponse:
     """A response head plus its streaming body; `release()` returns the connection if clean."""
 
-    __slots__ = ("_conn", "_keep", "body", "headers", "reason", "status")
+    __slots__ = ("_conn", "_keep", "body", "headers", "reason", "reusable", "status")
 
     def __init__(self, conn: _Connection, message: RawResponseMessage) -> None:
         self._conn = conn
         self._keep = not message.should_close
+        self.reusable = True
         self.status: int = message.code
         self.reason: str = message.reason
         self.headers: Any = message.headers  # CIMultiDictProxy[str]
@@ -270,7 +271,7 @@ class UpstreamResponse:
     def release(self) -> None:
         """Back to the pool when the body was read to its end and nobody said close."""
         conn = self._conn
-        if conn.finish() and self._keep:
+        if conn.finish() and self._keep and self.reusable:
             conn._pool._release(conn)
         else:
             conn.close()
@@ -339,7 +340,12 @@ class UpstreamPool:
                 message = await self._exchange(conn, method, head, body, chunked, deadline)
             except _Stale:  # a fresh connection is never marked reused; kept for mypy
                 raise UpstreamFailure("connect", "upstream closed the connection") from None
-        return UpstreamResponse(conn, message)
+        response = UpstreamResponse(conn, message)
+        if method == "HEAD":
+            # Backends often (wrongly) send the GET body after a HEAD head; bytes that arrive
+            # late would be read as the NEXT caller's response. Never reuse after HEAD.
+            response.reusable = False
+        return response
 
     async def _exchange(
         self,

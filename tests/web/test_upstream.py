@@ -250,18 +250,31 @@ async def test_truncated_body_raises_body_broken(raw: Callable[..., Awaitable[Ra
         await pool.close()
 
 
-async def test_head_response_has_no_body_and_is_reused(
+async def test_head_response_has_no_body_and_its_connection_is_not_reused(
     raw: Callable[..., Awaitable[Raw]],
 ) -> None:
-    state = await start(raw, answer(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", OK))
+    """Review finding: a backend that sends a body after a HEAD head must not poison the next
+    caller's response, so a HEAD exchange never returns its connection to the pool."""
+    def head_then_late_body(state: Raw) -> Script:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await state.head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)  # then, wrongly, a body: would poison a reused connection
+            writer.write(b"POISON")
+            await writer.drain()
+
+        return script
+
+    state = await start(raw, head_then_late_body, answer(OK))
     pool = pool_for(state)
     try:
         response, data = await fetch(pool, "HEAD")
         assert (response.status, data) == (200, b"")
-        assert response.headers["Content-Length"] == "1000"
+        assert response.headers["Content-Length"] == "6"
         _response, data = await fetch(pool)
         assert data == b"ok"
-        assert state.connections == 1
+        assert state.connections == 2  # the HEAD connection was dropped, not reused
     finally:
         await pool.close()
 
