@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 import time
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Literal, TextIO
 
 AuditMode = Literal["all", "deny", "off"]
 
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_LINE = (
+    '{"ts":"%s.%03dZ","request_id":%s,"remote":%s,"user":%s,"org":%s,"project":%s,'
+    '"method":%s,"path":%s,"route":%s,"permission":%s,"decision":%s,"reason":%s,'
+    '"status":%d,"duration_ms":%.3f,"stale":%s}'
+)
+
+
+def _str(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,26 +65,30 @@ class AuditLog:
         if second != self._second:  # strftime once per second, not per line
             self._second = second
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        line = {
-            "ts": f"{self._stamp}.{int((now - second) * 1000):03d}Z",
-            "request_id": record.request_id,
-            "remote": record.remote,
-            "user": record.user,
-            "org": record.org,
-            "project": record.project,
-            "method": record.method,
-            "path": record.path,
-            "route": record.route,
-            "permission": record.permission,
-            "decision": record.decision,
-            "reason": record.reason,
-            "status": record.status,
-            "duration_ms": round(record.duration_ms, 3),
-            "stale": record.stale,
-        }
-        if record.shadow_reason is not None:
-            line["shadow_reason"] = record.shadow_reason
-        self._pending.append(_encode(line))
+        # One %-format with C-escaped strings: about 4x cheaper than json.dumps of a dict on
+        # the hot path; the output is the same JSON object (tests parse every line).
+        r = record
+        line = _LINE % (
+            self._stamp,
+            int((now - second) * 1000),
+            _str(r.request_id),
+            _str(r.remote),
+            _str(r.user),
+            _str(r.org),
+            _str(r.project),
+            _str(r.method),
+            _str(r.path),
+            _str(r.route),
+            _str(r.permission),
+            _str(r.decision),
+            _str(r.reason),
+            r.status,
+            r.duration_ms,
+            "true" if r.stale else "false",
+        )
+        if r.shadow_reason is not None:
+            line = line[:-1] + ',"shadow_reason":' + _str(r.shadow_reason) + "}"
+        self._pending.append(line)
         if len(self._pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)

@@ -46,6 +46,7 @@ def make_admin_app(
 async def _metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     rt.metrics.cache_entries.set(len(rt.cache))
+    rt.metrics.inflight.set(rt.inflight)
     resp = web.Response(body=request.app[METRICS_TEXT]())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp

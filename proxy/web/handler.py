@@ -87,8 +87,7 @@ class ProxyHandler:
             if client_rid is not None and _REQUEST_ID.fullmatch(client_rid)
             else os.urandom(16).hex()
         )
-        rt.inflight += 1
-        rt.metrics.inflight.inc()
+        rt.inflight += 1  # the gauge is set from this count (serve._gauges, /metrics)
         outcome: _Outcome | None = None
         path = "-"
         try:
@@ -129,7 +128,6 @@ class ProxyHandler:
             return _json_error(500, "internal_error", rid, rid_header, "internal error")
         finally:
             rt.inflight -= 1
-            rt.metrics.inflight.dec()
             if outcome is not None:
                 self._record(request, outcome, rid, path, time.perf_counter() - started)
 

@@ -317,6 +317,7 @@ async def start(
     )
     if settings.reload_interval > 0:
         server.tasks.append(asyncio.create_task(_watch(rt, settings.reload_interval)))
+    server.tasks.append(asyncio.create_task(_gauges(rt)))
     return server
 
 
@@ -340,6 +341,15 @@ async def _watch(rt: Runtime, interval: float) -> None:
                 reload_all(rt)
         except Exception:  # the watcher must outlive any surprise; it is logged
             log.exception("config watcher error")
+
+
+async def _gauges(rt: Runtime, interval: float = 1.0) -> None:
+    """Publish the in-flight and cache-size gauges once a second instead of on every request
+    (with --workers N the supervisor's /metrics reads what each worker last published)."""
+    while True:
+        rt.metrics.inflight.set(rt.inflight)
+        rt.metrics.cache_entries.set(len(rt.cache))
+        await asyncio.sleep(interval)
 
 
 def _digest(path: str) -> str | None:
