@@ -86,6 +86,8 @@ class RoleCache:
         )
         self._inflight: dict[_Key, _Flight] = {}
         self._shared = MembershipInterner()
+        self._hot: dict[_Key, tuple[object, float, bool]] = {}
+        self._hot_limit = maxsize + max(100, maxsize // 10)
 
     async def memberships(self, user: str) -> Cached[tuple[Membership, ...]]:
         """The user's memberships; raises StoreError when neither store nor cache can answer."""
@@ -112,14 +114,21 @@ class RoleCache:
         return None if found is _MISSING else (cast("str | None", found),)
 
     def _fresh(self, key: _Key, negative: Callable[[Any], bool]) -> object:
-        entry = self._cache(key).get(key)
-        if entry is None:
+        # A plain dict of (value, fresh_until, negative) beside the TTLCaches: a hit is one
+        # dict lookup and one clock read (cachetools' get costs several µs per call).
+        hot = self._hot.get(key)
+        if hot is None or self._clock() >= hot[1]:
             return _MISSING
-        is_negative = negative(entry.value)
-        if self._clock() - entry.fetched_at >= (self._negative_ttl if is_negative else self._ttl):
-            return _MISSING
-        self._report("negative" if is_negative else "hit")
-        return entry.value
+        self._report("negative" if hot[2] else "hit")
+        return hot[0]
+
+    def _remember(self, key: _Key, value: object, started: float) -> None:
+        self._cache(key)[key] = _Entry(value, started)
+        is_negative = not value if key[0] == "user" else value is None
+        if len(self._hot) >= self._hot_limit:
+            self._hot.clear()  # bounded like the caches; entries refill on the next misses
+        ttl = self._negative_ttl if is_negative else self._ttl
+        self._hot[key] = (value, started + ttl, is_negative)
 
     def invalidate(self, user: str | None = None) -> int:
         """Drop one user's memberships (or everything, for None); returns entries dropped."""
@@ -127,11 +136,13 @@ class RoleCache:
             dropped = len(self)
             self._users.clear()
             self._projects.clear()
+            self._hot.clear()
             flights = list(self._inflight.values())
             self._inflight.clear()
         else:
             key: _Key = ("user", user)
             dropped = 0 if self._users.pop(key, None) is None else 1
+            self._hot.pop(key, None)
             flight = self._inflight.pop(key, None)
             flights = [] if flight is None else [flight]
         # Lookups that start from now on must ask the store again, and the calls already
@@ -190,7 +201,7 @@ class RoleCache:
                 value = self._shared(cast("tuple[Membership, ...]", value))
             # No await between here and the store: an invalidation is seen or not, atomically.
             if flight.current:
-                self._cache(key)[key] = _Entry(value, started)
+                self._remember(key, value, started)
             return value
 
         flight = _Flight(asyncio.create_task(run()))

@@ -425,3 +425,24 @@ async def test_equal_memberships_of_different_users_share_one_object() -> None:
     assert len({id(a) for a in answers}) == 1
     assert len({id(a[0]) for a in answers}) == 1
     assert answers[0] == (Membership("acme", "enterprise", "developer"),)
+
+
+async def test_fresh_fast_path_follows_ttl_and_invalidation() -> None:
+    s = Setup(ttl=30, negative_ttl=5)
+    s.store.members["alice"] = (ACME,)
+    assert s.cache.fresh_memberships("alice") is None  # nothing cached yet: no report
+    assert s.results == []
+    await s.cache.memberships("alice")
+    assert s.cache.fresh_memberships("alice") == (ACME,)
+    assert s.results == ["miss", "hit"]
+    await s.cache.project_org("nope")  # negative answer, fresh for 5 s
+    assert s.cache.fresh_project_org("nope") == (None,)
+    assert s.results[-1] == "negative"
+    s.clock.advance(6)
+    assert s.cache.fresh_project_org("nope") is None
+    assert s.cache.fresh_memberships("alice") == (ACME,)
+    s.cache.invalidate("alice")
+    assert s.cache.fresh_memberships("alice") is None
+    await s.cache.memberships("alice")
+    s.clock.advance(31)
+    assert s.cache.fresh_memberships("alice") is None
