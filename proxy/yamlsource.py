@@ -211,7 +211,8 @@ def _scalar(node: yaml.ScalarNode, source: str) -> Scalar:
         if node.tag == _STR_TAG:
             return str(value)
         constructed = _SCALAR_LOADER.construct_object(node, deep=True)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError, KeyError) as exc:
+        # An explicit tag with a value it cannot hold (`!!int abc`) is a file error too.
         raise PolicyError(
             [Problem(source, node.start_mark.line + 1, f"invalid value: {exc}")]
         ) from None
