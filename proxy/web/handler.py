@@ -59,6 +59,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 STORE_RETRY_AFTER = "5"
 _JSON = "application/json"
 _NO_COOKIES: Mapping[str, str] = MappingProxyType({})
+_ALLOW_ANY = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
 
 
 @dataclass(slots=True)
@@ -331,6 +332,9 @@ class ProxyHandler:
             resp.headers["WWW-Authenticate"] = self._challenge(decision)
         elif decision.reason is Reason.STORE_UNAVAILABLE:
             resp.headers["Retry-After"] = STORE_RETRY_AFTER
+        elif status == 405:
+            # RFC 9110 §15.5.6: a 405 names what is allowed; CONNECT and TRACE never are.
+            resp.headers["Allow"] = _ALLOW_ANY
         return resp
 
     def _challenge(self, decision: Decision) -> str:
@@ -351,7 +355,9 @@ class ProxyHandler:
         rt = self.rt
         hdr = rt.settings.request_id_header
         if request.method not in ("GET", "HEAD"):
-            return _json_error(405, "bad_request", rid, hdr, "use GET")
+            resp = _json_error(405, "bad_request", rid, hdr, "use GET")
+            resp.headers["Allow"] = "GET, HEAD"
+            return resp
         try:
             identity = await self._authenticate(request)
         except AuthError as exc:

@@ -268,6 +268,8 @@ async def test_bad_request(name: str, proxy: Proxy, backend: Backend) -> None:
 async def test_connect_and_trace_are_405(name: str, proxy: Proxy, backend: Backend) -> None:
     status, headers, text = await raw(proxy.server.proxy_port, NOT_ALLOWED_METHODS[name])
     assert_error(status, headers, text, expect_status=405, reason="bad_request")
+    allow = {m.strip() for m in headers["allow"].split(",")}  # RFC 9110 §15.5.6
+    assert "GET" in allow and not allow & {"CONNECT", "TRACE"}
     assert backend.received == []
 
 
