@@ -9,27 +9,9 @@ import pytest
 from proxy.policy.members import Directory, OrgRecord, parse_members
 from proxy.policy.model import Membership, PolicyError
 from proxy.yamlsource import parse_yaml
+from tests.fakes import TWO_ORGS_MEMBERS
 
-SHIPPED = """\
-orgs:
-  acme:
-    plan: enterprise
-    projects: [proj-prod, proj-staging]
-    members:
-      alice: admin
-      bob: developer
-      sue: support
-      carol: {projects: {proj-staging: developer}}
-      dan: {projects: {proj-prod: support}}
-  smallco:
-    plan: pro
-    projects: [sc-main]
-    members:
-      ed: admin
-      gus: developer
-      fay: support
-      bob: admin
-"""
+SHIPPED = TWO_ORGS_MEMBERS + '      bob: admin\n'
 
 
 def load(text: str) -> Directory:

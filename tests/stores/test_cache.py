@@ -10,20 +10,11 @@ import pytest
 from proxy.policy.model import Membership
 from proxy.stores.base import RoleStore, StoreError
 from proxy.stores.cache import RoleCache
+from tests.fakes import FakeClock
 
 ACME = Membership(org="acme", plan="enterprise", role="admin")
 ACME_DEV = Membership(org="acme", plan="enterprise", role="developer")
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeStore:

@@ -10,27 +10,9 @@ import pytest
 from proxy.policy.model import Membership, PolicyError
 from proxy.stores.base import RoleStore
 from proxy.stores.file import FileStore
+from tests.fakes import TWO_ORGS_MEMBERS
 
-SHIPPED_LIKE = """\
-orgs:
-  acme:
-    plan: enterprise
-    projects: [proj-prod, proj-staging]
-    members:
-      alice: admin
-      bob: developer
-      sue: support
-      carol: {projects: {proj-staging: developer}}
-      dan: {projects: {proj-prod: support}}
-  smallco:
-    plan: pro
-    projects: [sc-main]
-    members:
-      ed: admin
-      gus: developer
-      fay: support
-      alice: developer
-"""
+SHIPPED_LIKE = TWO_ORGS_MEMBERS + '      alice: developer\n'
 
 
 @pytest.fixture

@@ -9,19 +9,10 @@ import pytest
 from proxy.policy.model import Membership
 from proxy.stores.base import RoleStore, StoreError, StoreRefused
 from proxy.stores.guard import GuardedStore
+from tests.fakes import FakeClock
 
 ACME = Membership(org="acme", plan="enterprise", role="admin")
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakeStore:
@@ -113,7 +104,7 @@ def test_satisfies_the_role_store_protocol() -> None:
 
 
 async def test_passes_answers_through_and_observes_each_call() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     observed: Observed = []
     guard = make(inner, clock, observed)
     assert await guard.memberships("alice") == (ACME,)
@@ -126,7 +117,7 @@ async def test_passes_answers_through_and_observes_each_call() -> None:
 
 
 async def test_timeout_becomes_store_error_and_counts_as_failure() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     observed: Observed = []
     inner.mode = "hang"
     guard = make(inner, clock, observed, timeout=0.05)
@@ -138,7 +129,7 @@ async def test_timeout_becomes_store_error_and_counts_as_failure() -> None:
 
 
 async def test_unexpected_backend_exception_becomes_store_error() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     observed: Observed = []
     inner.mode = "crash"
     guard = make(inner, clock, observed)
@@ -149,7 +140,7 @@ async def test_unexpected_backend_exception_becomes_store_error() -> None:
 
 
 async def test_circuit_opens_after_threshold_and_fails_fast_without_calling() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     observed: Observed = []
     inner.mode = "fail"
     guard = make(inner, clock, observed, failure_threshold=3)
@@ -169,7 +160,7 @@ async def test_circuit_opens_after_threshold_and_fails_fast_without_calling() ->
 
 
 async def test_success_resets_the_consecutive_failure_count() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     guard = make(inner, clock, failure_threshold=3)
     inner.mode = "fail"
     await fail_times(guard, 2)
@@ -181,7 +172,7 @@ async def test_success_resets_the_consecutive_failure_count() -> None:
 
 
 async def test_half_open_trial_success_closes_the_circuit() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     guard = make(inner, clock, failure_threshold=2, reset_after=5.0)
     inner.mode = "fail"
     await fail_times(guard, 2)
@@ -202,7 +193,7 @@ async def test_half_open_trial_success_closes_the_circuit() -> None:
 
 
 async def test_half_open_trial_failure_reopens_for_another_period() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     guard = make(inner, clock, failure_threshold=2, reset_after=5.0)
     inner.mode = "fail"
     await fail_times(guard, 2)
@@ -222,7 +213,7 @@ async def test_half_open_trial_failure_reopens_for_another_period() -> None:
 
 
 async def test_only_one_trial_runs_while_half_open() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     guard = make(inner, clock, failure_threshold=1, reset_after=1.0)
     inner.mode = "fail"
     await fail_times(guard, 1)
@@ -244,7 +235,7 @@ async def test_only_one_trial_runs_while_half_open() -> None:
 
 
 async def test_cancelled_trial_hands_the_slot_back() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     observed: Observed = []
     guard = make(inner, clock, observed, failure_threshold=1, reset_after=1.0)
     inner.mode = "fail"
@@ -264,7 +255,7 @@ async def test_cancelled_trial_hands_the_slot_back() -> None:
 
 
 async def test_ping_bypasses_the_breaker_but_has_the_timeout() -> None:
-    inner, clock = FakeStore(), FakeClock()
+    inner, clock = FakeStore(), FakeClock(100.0)
     observed: Observed = []
     guard = make(inner, clock, observed, failure_threshold=1, timeout=0.05)
     inner.mode = "fail"
@@ -308,7 +299,7 @@ def test_rejects_nonsense_settings(kwargs: dict[str, float], message: str) -> No
 async def test_refused_keys_never_open_the_circuit() -> None:
     """Review finding: ids the store refuses (HTTP 400) must not switch it off for everyone."""
     inner = FakeStore()
-    guard = GuardedStore(inner, timeout=1.0, failure_threshold=2, clock=FakeClock())
+    guard = GuardedStore(inner, timeout=1.0, failure_threshold=2, clock=FakeClock(100.0))
     inner.mode = "refuse"
     for _ in range(10):
         with pytest.raises(StoreRefused):

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.policy.model import Membership
 from proxy.stores.cache import RoleCache
+from tests.fakes import ROLES_AND_PLANS
 from tests.web.conftest import SHIPPED_MEMBERS, Backend, Proxy, StartProxy
 
 TOKEN = "admin-token-for-tests"
@@ -253,20 +254,7 @@ async def test_edited_members_file_applies_on_invalidate(
 ROUTES = """\
 version: 1
 default: deny
-roles:
-  admin:
-    permissions: ["*"]
-  developer:
-    permissions: [team:read]
-  support:
-    permissions: [task_history:read]
-plans:
-  enterprise:
-    roles: [admin, developer, support]
-    project_bindings: true
-  "*":
-    roles: [admin, developer]
-    project_bindings: false
+""" + ROLES_AND_PLANS + """\
 routes:
   - path: /api/org/billing
     methods: [GET]

@@ -21,6 +21,7 @@ from proxy.stores.base import StoreError
 from proxy.stores.cache import RoleCache
 from proxy.stores.guard import GuardedStore
 from proxy.web.serve import free_port
+from tests.fakes import ROLES_AND_PLANS
 from tests.web.conftest import SHIPPED_ROUTES, Backend, Proxy, StartBackend, StartProxy
 
 AUDIT_FIELDS = {
@@ -48,20 +49,7 @@ _POLICY_HEAD = """\
 version: 1
 default: {default}
 mode: {mode}
-roles:
-  admin:
-    permissions: ["*"]
-  developer:
-    permissions: [team:read]
-  support:
-    permissions: [task_history:read]
-plans:
-  enterprise:
-    roles: [admin, developer, support]
-    project_bindings: true
-  "*":
-    roles: [admin, developer]
-    project_bindings: false
+""" + ROLES_AND_PLANS + """\
 routes:
   - path: /healthz
     methods: [GET]
