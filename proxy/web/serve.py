@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hashlib
 import logging
@@ -11,7 +10,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, ClientTimeout, DummyCookieJar, TCPConnector, web
@@ -398,15 +396,6 @@ async def serve(settings: Settings, admin_token: str | None) -> None:
     await stop.wait()
     log.info("draining (up to %.0fs)", settings.shutdown_timeout)
     await server.drain_and_stop()
-
-
-@contextlib.asynccontextmanager
-async def running(settings: Settings, **kwargs: object) -> AsyncIterator[Server]:
-    server = await start(settings, **kwargs)  # type: ignore[arg-type]
-    try:
-        yield server
-    finally:
-        await server.drain_and_stop()
 
 
 def free_port() -> int:
