@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, hdrs, web
 from aiohttp.client_exceptions import (
@@ -97,40 +97,59 @@ class HeaderPolicy:
     role: str
     permission: str
     request_id: str
+    # False when two of the fields the proxy sets itself (X-Forwarded-*, Host and the injected
+    # names) are the same header: then a later one replaces an earlier one, as a CIMultiDict
+    # assignment would. Computed, never passed.
+    distinct: bool = field(init=False, default=True)
+
+    def __post_init__(self) -> None:
+        names = [self.user, self.org, self.role, self.permission, self.request_id]
+        names += ["X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Host"]
+        object.__setattr__(self, "distinct", len({n.lower() for n in names}) == len(names))
 
 
-@dataclass(frozen=True, slots=True)
-class Injected:
-    user: str | None
-    org: str | None
-    role: str | None
-    permission: str | None
-    request_id: str
+_NO_NAMES: frozenset[str] = frozenset()
 
 
-def upstream_headers(
+def upstream_fields(
     incoming: CIMultiDictProxy[str],
     policy: HeaderPolicy,
-    injected: Injected,
     *,
+    user: str | None,
+    org: str | None,
+    role: str | None,
+    permission: str | None,
+    request_id: str,
     peer: str | None,
     peer_trusted: bool,
     scheme: str,
-) -> CIMultiDict[str]:
-    """The headers sent upstream: client headers minus hop-by-hop and spoofable ones."""
-    named_by_connection = {
-        normalize(token.strip())
-        for value in incoming.getall("Connection", ())
-        for token in value.split(",")
-        if token.strip()
-    }
-    out: CIMultiDict[str] = CIMultiDict()
+) -> list[tuple[str, str]]:
+    """The headers sent upstream: client headers minus hop-by-hop and spoofable ones.
+
+    One pass over the client's headers that yields the final (name, value) list; the lean
+    client serializes it as is, the aiohttp paths wrap it in a CIMultiDict.
+    """
+    connection = incoming.getall("Connection", None)
+    named_by_connection = (
+        {
+            normalize(token.strip())
+            for value in connection
+            for token in value.split(",")
+            if token.strip()
+        }
+        if connection
+        else _NO_NAMES
+    )
+    stripped = policy.stripped
+    out: list[tuple[str, str]] = []
     xff: list[str] = []
     xf_proto: str | None = None
     xf_host: str | None = None
     for name, value in incoming.items():
-        key = normalize(name)
-        if key in policy.stripped or key in HOP_BY_HOP or key in named_by_connection:
+        key = name.lower()
+        if "_" in key:
+            key = key.replace("_", "-")  # normalize(): `_` read as `-` (CGI/WSGI)
+        if key in stripped or key in HOP_BY_HOP or key in named_by_connection:
             continue
         if key in CLIENT_IP_HEADERS or key.startswith("x-forwarded-"):
             # Only a trusted proxy in front of us may speak for the original client, and only
@@ -144,33 +163,79 @@ def upstream_headers(
                 elif key == "x-forwarded-host":
                     xf_host = xf_host or value
                 else:
-                    out.add(name, value)
+                    out.append((name, value))
             continue
-        out.add(name, value)
+        out.append((name, value))
+    # The fields we set ourselves. No client header can share their names (stripped above),
+    # so appending is what assignment would do, unless two of them share a name.
+    ours: list[tuple[str, str]] = []
     if peer is not None:
         xff.append(peer)
     if xff:
-        out["X-Forwarded-For"] = ", ".join(xff)
-    out["X-Forwarded-Proto"] = xf_proto or scheme
+        ours.append(("X-Forwarded-For", ", ".join(xff)))
+    ours.append(("X-Forwarded-Proto", xf_proto or scheme))
     host = xf_host or incoming.get("Host")
     if host:
-        out["X-Forwarded-Host"] = host
-    if injected.user is not None:
-        out[policy.user] = injected.user
-    if injected.org is not None:
-        out[policy.org] = injected.org
-    if injected.role is not None:
-        out[policy.role] = injected.role
-    if injected.permission is not None:
-        out[policy.permission] = injected.permission
-    out[policy.request_id] = injected.request_id
-    return out
+        ours.append(("X-Forwarded-Host", host))
+    if user is not None:
+        ours.append((policy.user, user))
+    if org is not None:
+        ours.append((policy.org, org))
+    if role is not None:
+        ours.append((policy.role, role))
+    if permission is not None:
+        ours.append((policy.permission, permission))
+    ours.append((policy.request_id, request_id))
+    if policy.distinct:
+        out += ours
+        return out
+    merged: CIMultiDict[str] = CIMultiDict(out)
+    for name, value in ours:
+        merged[name] = value
+    return list(merged.items())
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str],
+    policy: HeaderPolicy,
+    *,
+    user: str | None,
+    org: str | None,
+    role: str | None,
+    permission: str | None,
+    request_id: str,
+    peer: str | None,
+    peer_trusted: bool,
+    scheme: str,
+) -> CIMultiDict[str]:
+    """upstream_fields as a CIMultiDict (the aiohttp client paths)."""
+    return CIMultiDict(
+        upstream_fields(
+            incoming,
+            policy,
+            user=user,
+            org=org,
+            role=role,
+            permission=permission,
+            request_id=request_id,
+            peer=peer,
+            peer_trusted=peer_trusted,
+            scheme=scheme,
+        )
+    )
 
 
 def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) -> None:
-    named = {normalize(t.strip()) for v in upstream.getall("Connection", ()) for t in v.split(",")}
+    connection = upstream.getall("Connection", None)
+    named = (
+        {normalize(t.strip()) for v in connection for t in v.split(",")}
+        if connection
+        else _NO_NAMES
+    )
     for name, value in upstream.items():
-        key = normalize(name)
+        key = name.lower()
+        if "_" in key:
+            key = key.replace("_", "-")
         if key in HOP_BY_HOP or key in named:
             continue
         into.add(name, value)
@@ -274,7 +339,7 @@ async def forward_lean(
     request: web.BaseRequest,
     pool: UpstreamPool,
     target: str,
-    headers: CIMultiDict[str],
+    headers: list[tuple[str, str]],
     *,
     upstream_timeout: float,
     extra_response_headers: Iterable[tuple[str, str]],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.audit import AuditRecord
@@ -42,11 +43,11 @@ from proxy.policy.model import (
 from proxy.stores.base import StoreError
 from proxy.web.forward import (
     BrokenUpstream,
-    Injected,
     UpstreamError,
     forward_http,
     forward_lean,
     forward_websocket,
+    upstream_fields,
     upstream_headers,
 )
 from proxy.web.runtime import Runtime
@@ -230,18 +231,18 @@ class ProxyHandler:
         decision = outcome.decision
         identity = outcome.identity
         peer = _peer(request)
-        headers = upstream_headers(
+        allowed = decision.reason is Reason.ALLOWED
+        upgrade = request.headers.get("Upgrade")
+        pool = rt.upstream_pool
+        lean = pool is not None and not upgrade
+        headers = (upstream_fields if lean else upstream_headers)(
             request.headers,
             rt.headers,
-            Injected(
-                user=identity.user
-                if identity is not None and decision.reason is Reason.ALLOWED
-                else None,
-                org=decision.org if decision.reason is Reason.ALLOWED else None,
-                role=decision.role if decision.reason is Reason.ALLOWED else None,
-                permission=decision.permission if decision.reason is Reason.ALLOWED else None,
-                request_id=rid,
-            ),
+            user=identity.user if identity is not None and allowed else None,
+            org=decision.org if allowed else None,
+            role=decision.role if allowed else None,
+            permission=decision.permission if allowed else None,
+            request_id=rid,
             peer=peer,
             peer_trusted=rt.trusted.contains(peer),
             scheme=request.scheme,
@@ -251,10 +252,9 @@ class ProxyHandler:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         extra = ((rt.settings.request_id_header, rid),)
         route_label = decision.route.template if decision.route else NO_ROUTE_LABEL
-        upgrade = request.headers.get("Upgrade")
-        pool = rt.upstream_pool
         try:
-            if pool is not None and not upgrade:
+            if lean:
+                assert pool is not None and isinstance(headers, list)
                 # The forwarded target is exactly the authorized one: canonical path, raw query.
                 response, to_headers = await forward_lean(
                     request,
@@ -275,6 +275,7 @@ class ProxyHandler:
                 )
                 session = rt.session
                 assert session is not None, "runtime started without an upstream session"
+                assert isinstance(headers, CIMultiDict)
                 forward = forward_websocket if upgrade else forward_http
                 response, to_headers = await forward(
                     request,

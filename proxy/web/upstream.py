@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterable
 from typing import Any
 
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser, RawResponseMessage
 from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
 from yarl import URL
 
 # RFC 9112 §2.3 puts no limit on a header section; we do, so a hostile or broken upstream
@@ -447,16 +448,28 @@ class UpstreamPool:
             await asyncio.sleep(0)
 
 
-def request_head(method: str, target: str, headers: Any, authority: str, *, chunked: bool) -> bytes:
+def request_head(
+    method: str,
+    target: str,
+    headers: Iterable[tuple[str, str]] | CIMultiDict[str],
+    authority: str,
+    *,
+    chunked: bool,
+) -> bytes:
     """The request line and header section as one buffer (one transport.write).
 
-    `headers` is a CIMultiDict of the filtered, injected headers. A CR or LF inside a name or
-    value would let a value (say a JWT claim) inject a header or a second request (request
-    splitting, CWE-113), so any such value refuses the request.
+    `headers` are the filtered, injected headers: (name, value) pairs or a CIMultiDict. A CR
+    or LF inside a name or value would let a value (say a JWT claim) inject a header or a
+    second request (request splitting, CWE-113), so any such value refuses the request.
     """
+    pairs = headers.items() if isinstance(headers, CIMultiDict) else headers
     lines = [f"{method} {target} HTTP/1.1\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-    if "Host" not in headers:
+    has_host = False
+    for name, value in pairs:
+        lines.append(f"{name}: {value}\r\n")
+        if not has_host and len(name) == 4 and name.lower() == "host":
+            has_host = True
+    if not has_host:
         lines.append(f"Host: {authority}\r\n")
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
