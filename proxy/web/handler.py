@@ -160,7 +160,7 @@ class ProxyHandler:
             return _Outcome(Decision(Reason.BAD_REQUEST, False, message="repeated Upgrade header"))
         routed = route_request(policy, request.method, target, upgrades[0] if upgrades else None)
         if isinstance(routed, Decision):
-            rt.metrics.decision_duration.observe(time.perf_counter() - t0)
+            rt.metrics.observe_decision(time.perf_counter() - t0)
             return _Outcome(routed)
         if upgrades and not _valid_websocket_handshake(request):
             # RFC 6455 §4.2.1: refuse a broken handshake before authorizing or connecting
@@ -173,7 +173,7 @@ class ProxyHandler:
             identity = await self._authenticate(request)
         except AuthError as exc:
             decision = deny_unauthenticated(policy, routed, exc.reason, exc.message)
-            rt.metrics.decision_duration.observe(time.perf_counter() - t0)
+            rt.metrics.observe_decision(time.perf_counter() - t0)
             return _Outcome(decision)
         try:
             memberships, project_org, stale = await self._resolve(routed, identity)
@@ -195,7 +195,7 @@ class ProxyHandler:
             project_org,
             org_hint_name=rt.settings.org_header if rt.settings.auth == "header" else "org claim",
         )
-        rt.metrics.decision_duration.observe(time.perf_counter() - t0)
+        rt.metrics.observe_decision(time.perf_counter() - t0)
         return _Outcome(decision, identity, stale)
 
     async def _resolve(

@@ -240,6 +240,7 @@ class Server:
         await self.proxy_runner.cleanup()  # closes the listener, waits up to shutdown_timeout
         await self.admin_runner.cleanup()
         rt.audit.flush()
+        rt.metrics.flush()
         if rt.upstream_pool is not None:
             await rt.upstream_pool.close()
         if rt.session is not None:
