@@ -88,6 +88,9 @@ class RoleCache:
         self._shared = MembershipInterner()
         self._hot: dict[_Key, tuple[object, float, bool]] = {}
         self._hot_limit = maxsize + max(100, maxsize // 10)
+        # Bumped by every change to what the cache answers (a new entry, an invalidation):
+        # a decision memoized from fresh answers is reused only while this is unchanged.
+        self.generation = 0
 
     async def memberships(self, user: str) -> Cached[tuple[Membership, ...]]:
         """The user's memberships; raises StoreError when neither store nor cache can answer."""
@@ -113,6 +116,27 @@ class RoleCache:
         found = self._fresh(("project", project), _is_none)
         return None if found is _MISSING else (cast("str | None", found),)
 
+    def fresh_until(self, user: str, project: str | None = None) -> float:
+        """Until when (cache clock) the user's (and project's) fresh answers stay fresh.
+
+        Only meaningful right after fresh_memberships / fresh_project_org answered for them.
+        """
+        hot = self._hot
+        user_entry = hot.get(("user", user))
+        until = user_entry[1] if user_entry is not None else -1.0
+        if project is not None:
+            project_entry = hot.get(("project", project))
+            until = min(until, project_entry[1] if project_entry is not None else -1.0)
+        return until
+
+    def now(self) -> float:
+        """The cache's clock (injectable in tests)."""
+        return self._clock()
+
+    def count_fresh_hit(self, negative: bool) -> None:
+        """Report a lookup answered from a memo of fresh answers, as the lookup would have."""
+        self._report("negative" if negative else "hit")
+
     def _fresh(self, key: _Key, negative: Callable[[Any], bool]) -> object:
         # A plain dict of (value, fresh_until, negative) beside the TTLCaches: a hit is one
         # dict lookup and one clock read (cachetools' get costs several µs per call).
@@ -123,6 +147,7 @@ class RoleCache:
         return hot[0]
 
     def _remember(self, key: _Key, value: object, started: float) -> None:
+        self.generation += 1
         self._cache(key)[key] = _Entry(value, started)
         is_negative = not value if key[0] == "user" else value is None
         if len(self._hot) >= self._hot_limit:
@@ -132,6 +157,7 @@ class RoleCache:
 
     def invalidate(self, user: str | None = None) -> int:
         """Drop one user's memberships (or everything, for None); returns entries dropped."""
+        self.generation += 1
         if user is None:
             dropped = len(self)
             self._users.clear()

@@ -17,7 +17,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.audit import AuditRecord
-from proxy.identity import AuthError
+from proxy.identity import Authenticator, AuthError, HeaderAuthenticator
 from proxy.metrics import NO_ROUTE_LABEL
 from proxy.policy.canonical import canonicalize
 from proxy.policy.decide import (
@@ -40,7 +40,9 @@ from proxy.policy.model import (
     RouteMatch,
     Target,
 )
+from proxy.settings import Settings
 from proxy.stores.base import StoreError
+from proxy.stores.cache import RoleCache
 from proxy.web.forward import (
     BrokenUpstream,
     UpstreamError,
@@ -61,6 +63,30 @@ STORE_RETRY_AFTER = "5"
 _JSON = "application/json"
 _NO_COOKIES: Mapping[str, str] = MappingProxyType({})
 _ALLOW_ANY = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+_FOREVER = float("inf")
+
+
+# Decisions are memoized per (method, raw target, caller) for header authentication, whose
+# identity is a pure function of the peer's trust and two header values (a JWT has its own
+# expiry and is verified every time). An entry is reused only while the policy object, the
+# role cache's generation (any new answer or invalidation) and the freshness of the cache
+# answers it was built from are all unchanged, so revocation stays immediate.
+_MEMO_LIMIT = 4096
+_MemoKey = tuple[str, str, bool, tuple[str, ...], tuple[str, ...]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    policy: Policy
+    cache: RoleCache  # the runtime's parts it was decided with (tests swap them)
+    authenticator: Authenticator
+    settings: Settings
+    generation: int
+    until: float  # role-cache clock; inf when no cache answer was used
+    target: Target
+    decision: Decision
+    identity: Identity | None
+    lookups: tuple[bool, ...]  # the fresh cache hits to report again (True: negative)
 
 
 @dataclass(slots=True)
@@ -78,6 +104,7 @@ class ProxyHandler:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        self._memo: dict[_MemoKey, _Memo] = {}
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.rt
@@ -106,19 +133,30 @@ class ProxyHandler:
                     )
                 )
                 return self._reject(outcome, rid)
-            try:
-                target = canonicalize(request.raw_path, allow_semicolons=policy.allow_semicolons)
-            except BadTarget as exc:
-                outcome = _Outcome(Decision(Reason.BAD_REQUEST, False, message=exc.message))
-                return self._reject(outcome, rid)
+            key = self._memo_key(request)
+            memo = self._recall(key, policy) if key is not None else None
+            if memo is not None:
+                target = memo.target
+            else:
+                try:
+                    target = canonicalize(
+                        request.raw_path, allow_semicolons=policy.allow_semicolons
+                    )
+                except BadTarget as exc:
+                    outcome = _Outcome(Decision(Reason.BAD_REQUEST, False, message=exc.message))
+                    return self._reject(outcome, rid)
             path = target.path
             if rt.draining:
                 resp = _json_error(503, "draining", rid, rid_header, "shutting down")
                 resp.headers["Connection"] = "close"
                 return resp
-            if target.segments == ("_rbac", "me"):
+            if memo is not None:
+                outcome = _Outcome(memo.decision, memo.identity)
+                rt.metrics.observe_decision(time.perf_counter() - started)
+            elif target.segments == ("_rbac", "me"):
                 return await self._me(request, policy, rid)
-            outcome = await self._decide(request, policy, target)
+            else:
+                outcome = await self._decide(request, policy, target, key)
             if not outcome.decision.forward:
                 return self._reject(outcome, rid)
             return await self._forward(request, target, outcome, rid)
@@ -152,7 +190,70 @@ class ProxyHandler:
         # Parsing the Cookie header costs on every request; only a JWT cookie needs it.
         return request.cookies if self.rt.settings.jwt_cookie else _NO_COOKIES
 
-    async def _decide(self, request: web.BaseRequest, policy: Policy, target: Target) -> _Outcome:
+    def _memo_key(self, request: web.BaseRequest) -> _MemoKey | None:
+        auth = self.rt.authenticator
+        if type(auth) is not HeaderAuthenticator:
+            return None
+        headers = request.headers
+        if "Upgrade" in headers:
+            return None  # handshakes are checked in full every time
+        return (
+            request.method,
+            request.raw_path,
+            auth.trusted.contains(_peer(request)),
+            tuple(headers.getall(auth.user_header, ())),
+            tuple(headers.getall(auth.org_header, ())),
+        )
+
+    def _recall(self, key: _MemoKey, policy: Policy) -> _Memo | None:
+        memo = self._memo.get(key)
+        if memo is None:
+            return None
+        rt = self.rt
+        cache = rt.cache
+        if (
+            memo.policy is not policy
+            or memo.cache is not cache
+            or memo.authenticator is not rt.authenticator
+            or memo.settings is not rt.settings
+            or memo.generation != cache.generation
+            or (memo.until != _FOREVER and cache.now() >= memo.until)
+        ):
+            return None
+        for negative in memo.lookups:
+            cache.count_fresh_hit(negative)  # the metrics as if the cache had been asked
+        return memo
+
+    def _remember(
+        self,
+        key: _MemoKey | None,
+        policy: Policy,
+        target: Target,
+        outcome: _Outcome,
+        until: float = _FOREVER,
+        lookups: tuple[bool, ...] = (),
+    ) -> _Outcome:
+        if key is not None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()  # bounded: hostile targets churn it, entries refill
+            rt = self.rt
+            self._memo[key] = _Memo(
+                policy,
+                rt.cache,
+                rt.authenticator,
+                rt.settings,
+                rt.cache.generation,
+                until,
+                target,
+                outcome.decision,
+                outcome.identity,
+                lookups,
+            )
+        return outcome
+
+    async def _decide(
+        self, request: web.BaseRequest, policy: Policy, target: Target, key: _MemoKey | None
+    ) -> _Outcome:
         rt = self.rt
         t0 = time.perf_counter()
         upgrades = request.headers.getall("Upgrade", ())
@@ -161,7 +262,7 @@ class ProxyHandler:
         routed = route_request(policy, request.method, target, upgrades[0] if upgrades else None)
         if isinstance(routed, Decision):
             rt.metrics.observe_decision(time.perf_counter() - t0)
-            return _Outcome(routed)
+            return self._remember(key, policy, target, _Outcome(routed))
         if upgrades and not _valid_websocket_handshake(request):
             # RFC 6455 §4.2.1: refuse a broken handshake before authorizing or connecting
             # upstream (a HEAD or version-8 "upgrade" must not reach the backend's socket).
@@ -174,9 +275,9 @@ class ProxyHandler:
         except AuthError as exc:
             decision = deny_unauthenticated(policy, routed, exc.reason, exc.message)
             rt.metrics.observe_decision(time.perf_counter() - t0)
-            return _Outcome(decision)
+            return self._remember(key, policy, target, _Outcome(decision))
         try:
-            memberships, project_org, stale = await self._resolve(routed, identity)
+            memberships, project_org, stale, lookups = await self._resolve(routed, identity)
         except StoreError as exc:
             log.warning("role store unavailable: %s", exc)
             decision = Decision(
@@ -196,11 +297,18 @@ class ProxyHandler:
             org_hint_name=rt.settings.org_header if rt.settings.auth == "header" else "org claim",
         )
         rt.metrics.observe_decision(time.perf_counter() - t0)
-        return _Outcome(decision, identity, stale)
+        outcome = _Outcome(decision, identity, stale)
+        if lookups is None:
+            return outcome  # not (only) fresh cache answers: nothing to reuse
+        param = routed.route.project_param
+        project = routed.params.get(param) if param and len(lookups) == 2 else None
+        until = rt.cache.fresh_until(identity.user, project)
+        return self._remember(key, policy, target, outcome, until, lookups)
 
     async def _resolve(
         self, match: RouteMatch, identity: Identity
-    ) -> tuple[tuple[Membership, ...], str | None, bool]:
+    ) -> tuple[tuple[Membership, ...], str | None, bool, tuple[bool, ...] | None]:
+        """Memberships, the project's org, stale?, and the fresh lookups (None: not all fresh)."""
         cache = self.rt.cache
         route = match.route
         project = match.params.get(route.project_param) if route.project_param else None
@@ -208,21 +316,21 @@ class ProxyHandler:
         memberships = cache.fresh_memberships(identity.user)
         if memberships is not None:
             if project is None or not memberships:
-                return memberships, None, False
+                return memberships, None, False, (not memberships,)
             owner_hit = cache.fresh_project_org(project)
             if owner_hit is not None:
-                return memberships, owner_hit[0], False
+                return memberships, owner_hit[0], False, (False, owner_hit[0] is None)
         backstop = _store_backstop(self.rt)
         try:
             async with asyncio.timeout(backstop):
                 found = await cache.memberships(identity.user)
             if project is None or not found.value:
-                return found.value, None, found.stale
+                return found.value, None, found.stale, None
             async with asyncio.timeout(backstop):
                 owner = await cache.project_org(project)
         except TimeoutError:
             raise StoreError("role store timed out") from None
-        return found.value, owner.value, found.stale or owner.stale
+        return found.value, owner.value, found.stale or owner.stale, None
 
     async def _forward(
         self, request: web.BaseRequest, target: Target, outcome: _Outcome, rid: str
