@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
-from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, hdrs, web
+from aiohttp import ClientSession, ClientWebSocketResponse, HttpVersion11, WSMsgType, hdrs, web
 from aiohttp.client_exceptions import (
     ClientConnectionError,
     ClientConnectorError,
@@ -225,20 +226,98 @@ def upstream_headers(
     )
 
 
-def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) -> None:
+def relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
+    """The upstream's response headers minus hop-by-hop ones and those its Connection names."""
     connection = upstream.getall("Connection", None)
     named = (
         {normalize(t.strip()) for v in connection for t in v.split(",")}
         if connection
         else _NO_NAMES
     )
+    kept: list[tuple[str, str]] = []
     for name, value in upstream.items():
         key = name.lower()
         if "_" in key:
             key = key.replace("_", "-")
         if key in HOP_BY_HOP or key in named:
             continue
+        kept.append((name, value))
+    return kept
+
+
+def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) -> None:
+    for name, value in relayed_response_headers(upstream):
         into.add(name, value)
+
+
+# Control characters aiohttp refuses in a header section (it raises ValueError); CR and LF
+# are counted separately in _whole_answer.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _whole_answer(
+    request: web.BaseRequest,
+    status: int,
+    reason: str,
+    headers: CIMultiDictProxy[str],
+    body: bytes,
+    extra: Iterable[tuple[str, str]],
+) -> bytes | None:
+    """The exact bytes aiohttp would send for a complete relayed answer, or None.
+
+    Only for the common case, where aiohttp's own header step (StreamResponse._prepare_headers)
+    adds and removes nothing: an HTTP/1.1 keep-alive request, a body framed by one exact
+    Content-Length, Date and Server from the upstream, ASCII only. Everything else (and any
+    control character, which aiohttp refuses) returns None and takes the StreamResponse path.
+    """
+    if not reason or request.version != HttpVersion11 or not request.keep_alive:
+        return None
+    lengths = headers.getall(hdrs.CONTENT_LENGTH, ())
+    if len(lengths) != 1 or lengths[0] != str(len(body)):
+        return None
+    if hdrs.DATE not in headers or hdrs.SERVER not in headers:
+        return None
+    # `response.headers[name] = value` semantics: replaces the first header of that name in
+    # place (drops any further ones), else appends.
+    ours = {name.lower(): f"{name}: {value}\r\n" for name, value in extra}
+    placed: set[str] = set()
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    for name, value in relayed_response_headers(headers):
+        lower = name.lower()
+        if lower in ours:
+            if lower not in placed:
+                placed.add(lower)
+                lines.append(ours[lower])
+            continue
+        lines.append(f"{name}: {value}\r\n")
+    for lower, line in ours.items():
+        if lower not in placed:
+            lines.append(line)
+    lines.append("\r\n")
+    text = "".join(lines)
+    expected = len(lines)
+    if (
+        not text.isascii()
+        or text.count("\r") != expected
+        or text.count("\n") != expected
+        or _CONTROL.search(text) is not None
+    ):
+        return None
+    return text.encode("ascii") + body
+
+
+class _SentResponse(web.StreamResponse):
+    """An answer already written whole (see _whole_answer); aiohttp has nothing left to do."""
+
+    @property
+    def keep_alive(self) -> bool:
+        return True  # _whole_answer only applies to keep-alive requests
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes | bytearray | memoryview = b"") -> None:
+        return None
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -369,11 +448,29 @@ async def forward_lean(
     # A small answer is usually complete by now: head and body then leave in one write.
     # Anything still arriving (downloads, SSE) gets its head at once and streams.
     whole = not with_body or reader.is_eof()
-    response = (_WholeRelayedResponse if whole else _RelayedResponse)(
-        status=upstream.status, reason=upstream.reason
-    )
+    data = reader.read_nowait(-1) if whole and with_body else b""
     clean = False
     try:
+        answer = (
+            _whole_answer(
+                request,
+                upstream.status,
+                upstream.reason,
+                upstream.headers,
+                data,
+                extra_response_headers,
+            )
+            if data
+            else None
+        )
+        if answer is not None:
+            # The common small answer: head and body in one write, no StreamResponse work.
+            await request.writer.write_eof(answer)
+            clean = True
+            return _SentResponse(status=upstream.status, reason=upstream.reason), to_headers
+        response = (_WholeRelayedResponse if whole else _RelayedResponse)(
+            status=upstream.status, reason=upstream.reason
+        )
         response_headers(upstream.headers, response.headers)
         for name, value in extra_response_headers:
             response.headers[name] = value
@@ -381,7 +478,7 @@ async def forward_lean(
             response.enable_chunked_encoding()
         await response.prepare(request)
         if whole:
-            await response.write_eof(reader.read_nowait(-1) if with_body else b"")
+            await response.write_eof(data)
         else:
             while chunk := await reader.readany():
                 await response.write(chunk)

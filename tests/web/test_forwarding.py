@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import os
 import random
+import re
 import resource
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -705,3 +706,109 @@ async def test_expect_100_continue_denied_gets_the_final_answer_only(
             await writer.wait_closed()
     assert final.status == 403  # support lacks demo:use; the body was never requested
     assert backend.received == []
+
+
+# ---------------------------------------------------------------- one-write relay of small answers
+
+DATE = "Thu, 03 Dec 2026 19:00:00 GMT"
+CANNED = {
+    "nginx-like": (
+        "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: {date}\r\nContent-Type: application/json\r\n"
+        "Content-Length: 5\r\nConnection: keep-alive\r\nX-Other: a\r\n\r\nhello"
+    ),
+    "echoes-our-request-id-twice": (
+        "HTTP/1.1 201 Created\r\nx-request-id: theirs\r\nServer: up\r\nDate: {date}\r\n"
+        'Content-Length: 2\r\nX-Request-Id: again\r\nETag: "1"\r\n\r\nok'
+    ),
+    "connection-names-a-header": (
+        "HTTP/1.1 200 OK\r\nServer: up\r\nDate: {date}\r\nConnection: keep-alive, X-Secret\r\n"
+        "X-Secret: s\r\nKeep_Alive: timeout=5\r\nContent-Length: 3\r\nSet-Cookie: a=1\r\n"
+        "Set-Cookie: b=2\r\n\r\nabc"
+    ),
+    "no-content-type-no-server": (
+        "HTTP/1.1 404 Not Found\r\nDate: {date}\r\nContent-Length: 4\r\n\r\nnope"
+    ),
+    "chunked": (
+        "HTTP/1.1 200 OK\r\nServer: up\r\nDate: {date}\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "3\r\nabc\r\n0\r\n\r\n"
+    ),
+    "empty-reason": "HTTP/1.1 200 \r\nServer: up\r\nDate: {date}\r\nContent-Length: 1\r\n\r\nx",
+}
+
+
+async def _canned_upstream(reply: bytes) -> tuple[asyncio.Server, int]:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                # RFC 9110 §9.3.2: the answer to HEAD is the head alone.
+                writer.write(
+                    reply.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+                    if head.startswith(b"HEAD ")
+                    else reply
+                )
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _exchange(port: int, requests: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(requests)
+    data = await asyncio.wait_for(reader.read(), WAIT)  # the last request asks to close
+    writer.close()
+    # A Date that aiohttp adds itself (error answers) is the clock's, not the upstream's.
+    return re.sub(rb"Date: (?!" + DATE.encode() + rb")[^\r]*", b"Date: (now)", data)
+
+
+def _requests(*heads: str) -> bytes:
+    return b"".join(
+        (
+            f"{head}\r\nHost: dash.example\r\nX-User-Id: bob\r\nX-Request-Id: rid-{i}\r\n"
+            + ("Connection: close\r\n" if i == len(heads) - 1 else "")
+            + "\r\n"
+        ).encode()
+        for i, head in enumerate(heads)
+    )
+
+
+@pytest.mark.parametrize("name", sorted(CANNED))
+async def test_the_one_write_relay_sends_what_aiohttp_would_send(
+    name: str, start_proxy: StartProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from proxy.web import forward
+
+    server, port = await _canned_upstream(CANNED[name].format(date=DATE).encode())
+    try:
+        proxy = await start_proxy(f"http://127.0.0.1:{port}")
+        proxy_port = proxy.server.proxy_port
+        path = f"{P}/workflows"
+        exchanges = [
+            _requests(
+                f"GET {path} HTTP/1.1",  # keep-alive: the one-write path when it applies
+                f"HEAD {path} HTTP/1.1",
+                f"GET {path} HTTP/1.1",  # Connection: close
+            ),
+            _requests(f"GET {path}?x=1 HTTP/1.0"),
+        ]
+        used: list[bool] = []
+        real = forward._whole_answer
+
+        def spy(*args: object, **kwargs: object) -> bytes | None:
+            answer = real(*args, **kwargs)  # type: ignore[arg-type]
+            used.append(answer is not None)
+            return answer
+
+        monkeypatch.setattr(forward, "_whole_answer", spy)
+        fast = [await _exchange(proxy_port, requests) for requests in exchanges]
+        monkeypatch.setattr(forward, "_whole_answer", lambda *a, **k: None)
+        slow = [await _exchange(proxy_port, requests) for requests in exchanges]
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert fast == slow
+    assert [reply.count(b"HTTP/1.") for reply in fast] == [3, 1]
+    expected = name in ("nginx-like", "echoes-our-request-id-twice", "connection-names-a-header")
+    assert used[0] is expected
+    assert not any(used[1:])
