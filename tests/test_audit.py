@@ -57,3 +57,18 @@ def test_wants_follows_the_mode() -> None:
     assert AuditLog("all").wants(False) and AuditLog("all").wants(True)
     assert not AuditLog("deny").wants(False) and AuditLog("deny").wants(True)
     assert not AuditLog("off").wants(True)
+
+
+@pytest.mark.parametrize("value", [*HOSTILE, None])
+def test_a_repeated_record_gives_the_same_line(value: str | None) -> None:
+    # The encoded middle of a line is reused for repeated field values; never stale text.
+    out = io.StringIO()
+    log = AuditLog("all", out)
+    for record in (_record(value), _record(value), _record("other"), _record(value)):
+        log.write(record)
+    log.flush()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    for line in lines:
+        del line["ts"]
+    assert lines[0] == lines[1] == lines[3] != lines[2]
+    assert lines[2]["user"] == "other" and lines[3]["user"] == value

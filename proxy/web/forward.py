@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -112,6 +113,17 @@ class HeaderPolicy:
 _NO_NAMES: frozenset[str] = frozenset()
 
 
+@functools.lru_cache(maxsize=256)
+def connection_names(values: tuple[str, ...]) -> frozenset[str]:
+    """The header names a Connection header lists (RFC 9110 §7.6.1), normalized.
+
+    Cached: a peer sends the same few values ("keep-alive") on every message.
+    """
+    return frozenset(
+        normalize(token.strip()) for value in values for token in value.split(",") if token.strip()
+    )
+
+
 def upstream_fields(
     incoming: CIMultiDictProxy[str],
     policy: HeaderPolicy,
@@ -131,16 +143,7 @@ def upstream_fields(
     client serializes it as is, the aiohttp paths wrap it in a CIMultiDict.
     """
     connection = incoming.getall("Connection", None)
-    named_by_connection = (
-        {
-            normalize(token.strip())
-            for value in connection
-            for token in value.split(",")
-            if token.strip()
-        }
-        if connection
-        else _NO_NAMES
-    )
+    named_by_connection = connection_names(tuple(connection)) if connection else _NO_NAMES
     stripped = policy.stripped
     out: list[tuple[str, str]] = []
     xff: list[str] = []
@@ -229,11 +232,7 @@ def upstream_headers(
 def relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str, str]]:
     """The upstream's response headers minus hop-by-hop ones and those its Connection names."""
     connection = upstream.getall("Connection", None)
-    named = (
-        {normalize(t.strip()) for v in connection for t in v.split(",")}
-        if connection
-        else _NO_NAMES
-    )
+    named = connection_names(tuple(connection)) if connection else _NO_NAMES
     kept: list[tuple[str, str]] = []
     for name, value in upstream.items():
         key = name.lower()

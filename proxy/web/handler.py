@@ -105,6 +105,17 @@ class ProxyHandler:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self._memo: dict[_MemoKey, _Memo] = {}
+        self._ids = ""  # hex of random bytes from the OS, 32 digits (128 bits) per id
+        self._ids_used = 0
+
+    def _new_request_id(self) -> str:
+        """128 random bits as hex; the OS is asked once per 128 ids, not once per request."""
+        start = self._ids_used
+        if start >= len(self._ids):
+            self._ids = os.urandom(16 * 128).hex()
+            start = 0
+        self._ids_used = start + 32
+        return self._ids[start : start + 32]
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         rt = self.rt
@@ -114,7 +125,7 @@ class ProxyHandler:
         rid = (
             client_rid
             if client_rid is not None and _REQUEST_ID.fullmatch(client_rid)
-            else os.urandom(16).hex()
+            else self._new_request_id()
         )
         rt.inflight += 1  # the gauge is set from this count (serve._gauges, /metrics)
         outcome: _Outcome | None = None
