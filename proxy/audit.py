@@ -20,6 +20,7 @@ _MIDDLE = (
 )
 _TAIL = '"status":%d,"duration_ms":%.3f,"stale":%s}'
 _MIDDLES_LIMIT = 4096
+_MIDDLE_MAX_PATH = 512  # longer paths are encoded every time: bounded memory (~10 MB at most)
 
 
 def _str(value: str | None) -> str:
@@ -87,9 +88,11 @@ class AuditLog:
         )
         middle = self._middles.get(key)
         if middle is None:
-            if len(self._middles) >= _MIDDLES_LIMIT:
-                self._middles.clear()  # bounded: distinct paths and callers refill it
-            middle = self._middles[key] = _MIDDLE % tuple(map(_str, key))
+            middle = _MIDDLE % tuple(map(_str, key))
+            if len(r.path) <= _MIDDLE_MAX_PATH:
+                if len(self._middles) >= _MIDDLES_LIMIT:
+                    self._middles.clear()  # bounded: distinct paths and callers refill it
+                self._middles[key] = middle
         line = (
             _HEAD % (self._stamp, int((now - second) * 1000), _str(r.request_id))
             + middle

@@ -72,6 +72,9 @@ _FOREVER = float("inf")
 # role cache's generation (any new answer or invalidation) and the freshness of the cache
 # answers it was built from are all unchanged, so revocation stays immediate.
 _MEMO_LIMIT = 4096
+# Only short keys are kept, so the memo stays small (a few MB at most) whatever clients send.
+_MEMO_MAX_TARGET = 512
+_MEMO_MAX_ID = 256
 _MemoKey = tuple[str, str, bool, tuple[str, ...], tuple[str, ...]]
 
 
@@ -208,12 +211,23 @@ class ProxyHandler:
         headers = request.headers
         if "Upgrade" in headers:
             return None  # handshakes are checked in full every time
+        target = request.raw_path
+        users = tuple(headers.getall(auth.user_header, ()))
+        orgs = tuple(headers.getall(auth.org_header, ()))
+        if (
+            len(target) > _MEMO_MAX_TARGET
+            or len(users) > 1
+            or len(orgs) > 1
+            or (users and len(users[0]) > _MEMO_MAX_ID)
+            or (orgs and len(orgs[0]) > _MEMO_MAX_ID)
+        ):
+            return None
         return (
             request.method,
-            request.raw_path,
+            target,
             auth.trusted.contains(_peer(request)),
-            tuple(headers.getall(auth.user_header, ())),
-            tuple(headers.getall(auth.org_header, ())),
+            users,
+            orgs,
         )
 
     def _recall(self, key: _MemoKey, policy: Policy) -> _Memo | None:

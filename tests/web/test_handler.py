@@ -141,3 +141,23 @@ async def test_different_org_hints_and_duplicate_identity_headers_are_different_
     assert await status_of(proxy, "bob", path=PATH + "?x=1") == 200
     assert await status_of(proxy, "bob", path="/api/projects/proj-none/workflows") == 403
 
+
+
+async def test_only_short_keys_are_memoized(backend: Backend, start_proxy: StartProxy) -> None:
+    from aiohttp.test_utils import make_mocked_request
+
+    from proxy.web.handler import ProxyHandler
+
+    proxy = await start_proxy(backend.url)
+    handler = ProxyHandler(proxy.server.runtime)
+
+    def key(path: str, **headers: str) -> object:
+        request = make_mocked_request("GET", path, headers={"X-User-Id": "bob", **headers})
+        return handler._memo_key(request)
+
+    assert key(PATH) is not None
+    assert key(PATH + "?" + "q" * 600) is None  # long targets: decided every time
+    assert key(PATH, **{"X-User-Id": "u" * 300}) is None
+    assert key(PATH, Upgrade="websocket") is None
+    # A long target still gets the same answer, just without the memo.
+    assert await status_of(proxy, "bob", path=PATH + "?" + "q" * 600) == 200
