@@ -116,8 +116,15 @@ def upstream_headers(
     peer: str | None,
     peer_trusted: bool,
     scheme: str,
+    content_length: int | None = None,
 ) -> CIMultiDict[str]:
-    """The headers sent upstream: client headers minus hop-by-hop and spoofable ones."""
+    """The headers sent upstream: client headers minus hop-by-hop and spoofable ones.
+
+    The body's framing is the proxy's, never copied: `content_length` is the length aiohttp's
+    parser framed the client body with (None: no body, or a chunked one, re-chunked upstream).
+    A client `Connection: Content-Length` once removed the copied header while the body still
+    went upstream unframed, where the backend read it as a second request (smuggling).
+    """
     named_by_connection = {
         normalize(token.strip())
         for value in incoming.getall("Connection", ())
@@ -130,7 +137,12 @@ def upstream_headers(
     xf_host: str | None = None
     for name, value in incoming.items():
         key = normalize(name)
-        if key in policy.stripped or key in HOP_BY_HOP or key in named_by_connection:
+        if (
+            key in policy.stripped
+            or key in HOP_BY_HOP
+            or key in named_by_connection
+            or key == "content-length"
+        ):
             continue
         if key in CLIENT_IP_HEADERS or key.startswith("x-forwarded-"):
             # Only a trusted proxy in front of us may speak for the original client, and only
@@ -164,6 +176,8 @@ def upstream_headers(
     if injected.permission is not None:
         out[policy.permission] = injected.permission
     out[policy.request_id] = injected.request_id
+    if content_length is not None:
+        out["Content-Length"] = str(content_length)
     return out
 
 
@@ -289,7 +303,7 @@ async def forward_lean(
     body = request.content.iter_chunked(CHUNK) if request.body_exists else None
     # A client body without Content-Length came chunked (its Transfer-Encoding is hop-by-hop
     # and was dropped): re-chunk it for the upstream, streaming.
-    chunked = body is not None and hdrs.CONTENT_LENGTH not in request.headers
+    chunked = body is not None and hdrs.CONTENT_LENGTH not in headers
     try:
         head = request_head(method, target, headers, pool.authority, chunked=chunked)
     except ValueError as exc:

@@ -245,6 +245,7 @@ class ProxyHandler:
             peer=peer,
             peer_trusted=rt.trusted.contains(peer),
             scheme=request.scheme,
+            content_length=request.content_length,
         )
         if request.headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
             # Authorized: now let the client send its body (RFC 9110 §10.1.1).
@@ -416,6 +417,34 @@ class ProxyHandler:
         resp.headers[hdr] = rid
         resp.headers["Cache-Control"] = "no-store"
         return resp
+
+    def malformed(self, status: int, what: str, peer: str | None) -> web.Response:
+        """The answer to a request aiohttp's parser refused (proxy/web/protocol.py): a JSON
+        error like every other, counted and audited with method OTHER and no path."""
+        rid = os.urandom(16).hex()
+        decision = Decision(Reason.BAD_REQUEST, False, message=what, status_override=status)
+        rt = self.rt
+        rt.metrics.count_request(NO_ROUTE_LABEL, "OTHER", "deny", Reason.BAD_REQUEST, status, 0.0)
+        if rt.audit.wants(True):
+            rt.audit.write(
+                AuditRecord(
+                    request_id=rid,
+                    remote=peer,
+                    user=None,
+                    org=None,
+                    project=None,
+                    method="-",
+                    path="-",
+                    route=None,
+                    permission=None,
+                    decision="deny",
+                    reason=Reason.BAD_REQUEST.value,
+                    status=status,
+                    duration_ms=0.0,
+                    stale=False,
+                )
+            )
+        return self._reject(_Outcome(decision), rid)
 
     def _record(
         self, request: web.BaseRequest, outcome: _Outcome, rid: str, path: str, seconds: float
