@@ -116,11 +116,15 @@ class GuardedRequestHandler(RequestHandler):
             return
         peer = self.transport.get_extra_info("peername")
         log.debug("request head not complete within %ss from %s", self._limits.header_timeout, peer)
-        self._on_malformed(408, "request head not complete in time", _host(peer))
-        # RFC 9110 §15.5.9: 408 then close; the client may retry on a new connection.
-        self.transport.write(
-            b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        resp = self._on_malformed(408, "request head not complete in time", _host(peer))
+        # RFC 9110 §15.5.9: 408 then close; the client may retry on a new connection. No
+        # request object exists yet, so the JSON answer is written to the socket as it is.
+        body = resp.body if isinstance(resp, web.Response) and isinstance(resp.body, bytes) else b""
+        head = "HTTP/1.1 408 Request Timeout\r\n" + "".join(
+            f"{name}: {value}\r\n" for name, value in resp.headers.items()
         )
+        head += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        self.transport.write(head.encode("latin-1") + body)
         self.force_close()
 
     def handle_error(

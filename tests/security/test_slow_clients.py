@@ -72,6 +72,10 @@ async def test_a_head_sent_one_byte_at_a_time_is_cut_with_408(
     )
     received, closed_after = await _trickle(proxy.server.proxy_port, head, 0.05, limit=5.0)
     assert received.startswith(b"HTTP/1.1 408 ")
+    head, _, body = received.partition(b"\r\n\r\n")
+    answer = json.loads(body)
+    assert answer["error"] == "request_timeout"
+    assert b"X-Request-Id: " + answer["request_id"].encode() in head
     assert HEAD_TIMEOUT * 0.9 <= closed_after < HEAD_TIMEOUT + 1.5
     assert recorder.requests == []
     assert _count(proxy, 408) == 1
