@@ -522,6 +522,40 @@ CASES = [
         "TE named hop-by-hop twice: still one chunked body, re-chunked upstream",
         forwards=HELLO_POST,
     ),
+    # Fixed in ca1a7e6: the lean client dropped a Content-Length named in Connection and sent
+    # the body unframed; the backend ran it as a second request with forged X-Auth-* headers.
+    Case(
+        "connection-names-content-length-post",
+        "pipelining",
+        post([b"Content-Length: %d" % len(FORGED), b"Connection: Content-Length"], FORGED),
+        "accepted, framed by CL; the proxy frames the upstream body itself",
+        forwards=(Fwd(b"POST", WORKFLOWS, FORGED),),
+    ),
+    Case(
+        "connection-names-content-length-get",
+        "pipelining",
+        raw(
+            b"GET",
+            PROJECTS,
+            [b"Content-Length: %d" % len(FORGED), b"Connection: keep-alive, content-length"],
+            FORGED,
+        ),
+        "the same on a GET",
+        forwards=(Fwd(b"GET", PROJECTS, FORGED),),
+    ),
+    Case(
+        "connection-names-content-length-underscore",
+        "pipelining",
+        raw(
+            b"GET",
+            b"/api/projects/proj-prod/task-history",
+            [b"Content-Length: %d" % len(FORGED), b"Connection: Content_Length"],
+            FORGED,
+            user=b"sue",
+        ),
+        "the same, named with an underscore (CGI spelling)",
+        forwards=(Fwd(b"GET", b"/api/projects/proj-prod/task-history", FORGED, b"sue"),),
+    ),
     Case(
         "expect-continue-denied-body-is-request",
         "pipelining",
