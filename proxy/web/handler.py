@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from yarl import URL
 
 from proxy.audit import AuditRecord
@@ -105,6 +105,15 @@ class ProxyHandler:
                     )
                 )
                 return self._reject(outcome, rid)
+            framing = _framing_problem(request)
+            if framing is not None:
+                status, message = framing
+                outcome = _Outcome(
+                    Decision(Reason.BAD_REQUEST, False, message=message, status_override=status)
+                )
+                resp = self._reject(outcome, rid)
+                resp.force_close()  # the body was not read: the connection cannot go on
+                return resp
             try:
                 target = canonicalize(request.raw_path, allow_semicolons=policy.allow_semicolons)
             except BadTarget as exc:
@@ -499,6 +508,21 @@ def _valid_websocket_handshake(request: web.BaseRequest) -> bool:
         and bool(headers.get("Sec-WebSocket-Key"))
         and headers.get("Sec-WebSocket-Version") == "13"
     )
+
+
+def _framing_problem(request: web.BaseRequest) -> tuple[int, str] | None:
+    """What aiohttp's parser (llhttp) accepts but a proxy must not pass on: (status, message).
+
+    llhttp frames `HTTP/0.9`-style and `HTTP/2.0` heads as HTTP/1 requests; and for
+    `Transfer-Encoding: gzip, chunked` it removes only the chunking, so the still-encoded body
+    would go upstream as if plain (found by the smuggling suite, issue 7).
+    """
+    if request.version not in (HttpVersion10, HttpVersion11):
+        return 400, "unsupported HTTP version"  # RFC 9112 §2.3
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and [c.strip().lower() for v in codings for c in v.split(",")] != ["chunked"]:
+        return 501, "unsupported transfer coding"  # RFC 9112 §6.1
+    return None
 
 
 def _peer(request: web.BaseRequest) -> str | None:
