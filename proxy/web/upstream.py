@@ -45,6 +45,8 @@ class _Connection(BaseProtocol):
     __slots__ = (
         "_body_task",
         "_head_bytes",
+        "_head_only",
+        "_head_tail",
         "_pool",
         "_timer",
         "_waiter",
@@ -62,6 +64,8 @@ class _Connection(BaseProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._body_task: asyncio.Task[None] | None = None
         self._head_bytes = 0
+        self._head_only = False
+        self._head_tail = b""
         self.payload: StreamReader | None = None
         self.closed = False
         self.reused = False
@@ -71,6 +75,34 @@ class _Connection(BaseProtocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._head_only and self._parser is not None:
+            self._feed_head_only(data)
+        else:
+            self._feed(data)
+
+    def _feed_head_only(self, data: bytes) -> None:
+        """A response to HEAD ends with its header section (RFC 9110 §9.3.2).
+
+        Backends often send their GET body anyway, frequently in the same read as the head;
+        fed to the parser, those bytes look like a malformed next response and failed the
+        whole exchange (502). Feed up to each end of a header section (1xx heads included)
+        and drop whatever follows the final one: the connection is never reused after HEAD.
+        """
+        joined = self._head_tail + data
+        shift = len(self._head_tail)
+        self._head_tail = joined[-3:]
+        start = 0
+        while start < len(data):
+            waiter = self._waiter
+            if self._parser is None or waiter is None or waiter.done():
+                return  # after the final head (or a failure): a stray body, never parsed
+            # The first search starts in the kept tail: a CRLFCRLF may straddle two reads.
+            end = joined.find(b"\r\n\r\n", start + shift if start else 0)
+            stop = len(data) if end < 0 else end + 4 - shift
+            self._feed(data[start:stop])
+            start = stop
+
+    def _feed(self, data: bytes) -> None:
         parser = self._parser
         if parser is None:
             # Bytes nobody asked for (or after a finished response): the connection's framing
@@ -185,6 +217,8 @@ class _Connection(BaseProtocol):
             auto_decompress=False,  # the client gets the upstream's bytes unchanged
         )
         self._head_bytes = 0
+        self._head_only = not with_body
+        self._head_tail = b""
         self.started = False
         self.payload = None
         self._waiter = waiter = loop.create_future()

@@ -69,3 +69,23 @@ async def test_a_chunked_body_is_rechunked_whatever_connection_names(
     assert reply.statuses == [200]
     assert [r.body for r in recorder.requests] == [SMUGGLED]
     assert recorder.protocol_errors == []
+
+
+@pytest.mark.parametrize("target", ["/api/projects/proj-prod", "/healthz"])
+async def test_head_to_a_backend_that_sends_a_body_anyway_is_a_clean_200(
+    target: str, start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    """The Recorder answers HEAD with a body in the same write (wrong, and common): the lean
+    client drops the stray bytes instead of failing the exchange with a 502 (found by the
+    fuzz suite). The connection is never reused after HEAD, so nothing else can read them."""
+    proxy = await start_proxy(recorder.url)
+    port = proxy.server.proxy_port
+    reply = await send_raw(port, request(target, method="HEAD", close=False), quiet=0.3)
+    assert reply.statuses == [200]
+    assert reply.data.endswith(b"\r\n\r\n")  # a head and nothing after it
+    follow = await send_raw(port, request(target))
+    assert follow.status == 200
+    assert [(r.method, r.target) for r in recorder.requests] == [
+        (b"HEAD", target.encode()),
+        (b"GET", target.encode()),
+    ]
