@@ -11,6 +11,7 @@ Case format (one JSON file per family, {"description": ..., "cases": [...]}):
     {"id": "dot-raw-01",                    unique over the corpus; the pytest id
      "class": "dot-segments",               one of CLASSES
      "imitates": "CVE-2019-9901 (Envoy)",   the advisory or technique the case copies
+     "note": "...",                         optional remark
      "request": {
         "method": "GET",                    default GET; sent exactly as given
         "target": "/api/...",               sent as UTF-8 bytes ("target_latin1": one byte
@@ -58,6 +59,7 @@ from tests.web.conftest import SHIPPED_MEMBERS, SHIPPED_ROUTES
 
 CORPUS = Path(__file__).parent / "corpus"
 MINIMUM_CASES = 200
+QUIET = 5.0
 
 # Every class issue 7 (item 2) names must have at least one case.
 CLASSES = frozenset(
@@ -272,7 +274,9 @@ async def test_case(case: Case, bench: Bench) -> None:
     port = await bench.proxy_port(case.proxy)
     recorder.requests.clear()
     recorder.protocol_errors.clear()
-    reply = await send_raw(port, case.data, local_host=case.peer)
+    # Every case asks for Connection: close, so the read ends when the proxy closes; the long
+    # quiet period only keeps a slow (loaded) machine from cutting a reply short.
+    reply = await send_raw(port, case.data, local_host=case.peer, quiet=QUIET)
     outcome: int | str | None = reply.status
     if outcome is None and reply.closed:
         outcome = "closed"
