@@ -60,6 +60,9 @@ STORE_RETRY_AFTER = "5"
 _JSON = "application/json"
 _NO_COOKIES: Mapping[str, str] = MappingProxyType({})
 _ALLOW_ANY = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# RFC 9112 §3.2: Host is uri-host [":" port] (RFC 3986 §3.2.2); anything else is a 400. It is
+# forwarded, and backends build absolute URLs from it (reset links, redirects, cache keys).
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
 @dataclass(slots=True)
@@ -114,6 +117,12 @@ class ProxyHandler:
                 resp = self._reject(outcome, rid)
                 resp.force_close()  # the body was not read: the connection cannot go on
                 return resp
+            host = request.headers.get("Host")
+            if host is not None and _HOST.fullmatch(host) is None:
+                outcome = _Outcome(
+                    Decision(Reason.BAD_REQUEST, False, message="invalid Host header")
+                )
+                return self._reject(outcome, rid)
             try:
                 target = canonicalize(request.raw_path, allow_semicolons=policy.allow_semicolons)
             except BadTarget as exc:
