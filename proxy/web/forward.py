@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from aiohttp import ClientSession, ClientWebSocketResponse, WSMsgType, hdrs, web
+from aiohttp import ClientSession, ClientWebSocketResponse, HttpVersion11, WSMsgType, hdrs, web
 from aiohttp.client_exceptions import (
     ClientConnectionError,
     ClientConnectorError,
@@ -64,6 +65,10 @@ CLIENT_IP_HEADERS = frozenset(
     }
 )
 CHUNK = 64 * 1024
+# What aiohttp's header writer cannot relay byte for byte: controls (it raises, a 500) and
+# lone surrogates, i.e. upstream bytes that are not UTF-8 (its C writer silently DROPS them,
+# turning `Location: /\xff/evil.example` into `//evil.example`). Such a response is a 502.
+_UNRELAYABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 class UpstreamError(Exception):
@@ -187,7 +192,14 @@ def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) ->
         key = normalize(name)
         if key in HOP_BY_HOP or key in named:
             continue
+        if _UNRELAYABLE.search(value) is not None:
+            raise UpstreamError("connect", "upstream response header cannot be relayed as sent")
         into.add(name, value)
+
+
+def _reason(reason: str | None) -> str | None:
+    """The upstream's reason phrase, or aiohttp's standard one when it cannot be relayed."""
+    return reason if reason and _UNRELAYABLE.search(reason) is None else None
 
 
 class _RelayedResponse(web.StreamResponse):
@@ -212,10 +224,13 @@ class _WholeRelayedResponse(_RelayedResponse):
     _send_headers_immediately = False
 
 
-async def _body(request: web.BaseRequest) -> AsyncIterator[bytes]:
+async def _body(
+    request: web.BaseRequest, limit: asyncio.Timeout, timeout: float
+) -> AsyncIterator[bytes]:
     # Stream the client's body: never request.read() (a 1 GiB upload stays in bounded memory).
     async for chunk in request.content.iter_chunked(CHUNK):
         yield chunk
+    limit.reschedule(asyncio.get_running_loop().time() + timeout)
 
 
 async def forward_http(
@@ -234,11 +249,12 @@ async def forward_http(
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    data = _body(request) if request.body_exists else None
     try:
         # The timeout covers only the wait for response headers: a long download or a
-        # Server-Sent Events stream may legitimately last longer.
-        async with asyncio.timeout(upstream_timeout):
+        # Server-Sent Events stream may legitimately last longer, and so may an upload (the
+        # clock starts once the body is sent).
+        async with asyncio.timeout(None if request.body_exists else upstream_timeout) as limit:
+            data = _body(request, limit, upstream_timeout) if request.body_exists else None
             upstream = await session.request(
                 request.method,
                 url,
@@ -256,11 +272,21 @@ async def forward_http(
         raise UpstreamError("connect", f"upstream error: {type(exc).__name__}") from None
     to_headers = loop.time() - started
     try:
-        response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
-        response_headers(upstream.headers, response.headers)
+        response = _RelayedResponse(status=upstream.status, reason=_reason(upstream.reason))
+        try:
+            response_headers(upstream.headers, response.headers)
+        except UpstreamError:
+            upstream.close()
+            raise
         for name, value in extra_response_headers:
             response.headers[name] = value
-        if "Content-Length" not in upstream.headers and request.method != "HEAD":
+        # An HTTP/1.0 client cannot take chunks (aiohttp raises): without a length, aiohttp
+        # chunks for 1.1 by itself and sends 1.0 a close-delimited body.
+        if (
+            "Content-Length" not in upstream.headers
+            and request.method != "HEAD"
+            and request.version >= HttpVersion11
+        ):
             response.enable_chunked_encoding()
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in (204, 304):
@@ -319,14 +345,18 @@ async def forward_lean(
     # Anything still arriving (downloads, SSE) gets its head at once and streams.
     whole = not with_body or reader.is_eof()
     response = (_WholeRelayedResponse if whole else _RelayedResponse)(
-        status=upstream.status, reason=upstream.reason
+        status=upstream.status, reason=_reason(upstream.reason)
     )
     clean = False
     try:
         response_headers(upstream.headers, response.headers)
         for name, value in extra_response_headers:
             response.headers[name] = value
-        if hdrs.CONTENT_LENGTH not in upstream.headers and method != "HEAD":
+        if (
+            hdrs.CONTENT_LENGTH not in upstream.headers
+            and method != "HEAD"
+            and request.version >= HttpVersion11
+        ):
             response.enable_chunked_encoding()
         await response.prepare(request)
         if whole:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import os
@@ -131,7 +133,7 @@ class ProxyHandler:
             path = target.path
             if rt.draining:
                 resp = _json_error(503, "draining", rid, rid_header, "shutting down")
-                resp.headers["Connection"] = "close"
+                resp.force_close()  # aiohttp then says Connection: close, and means it
                 return resp
             if target.segments == ("_rbac", "me"):
                 return await self._me(request, policy, rid)
@@ -144,6 +146,8 @@ class ProxyHandler:
         except Exception:
             # A bug, not a decision: never forward, never aiohttp's bare text 500.
             log.exception("unexpected error while handling a request")
+            if outcome is not None:
+                outcome.status = 500  # the audit line must not say "allow ... status 0"
             return _json_error(500, "internal_error", rid, rid_header, "internal error")
         finally:
             rt.inflight -= 1
@@ -511,12 +515,27 @@ def _store_backstop(rt: Runtime) -> float:
 def _valid_websocket_handshake(request: web.BaseRequest) -> bool:
     headers = request.headers
     tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    keys = headers.getall("Sec-WebSocket-Key", ())
     return (
         request.method == "GET"
         and "upgrade" in tokens
-        and bool(headers.get("Sec-WebSocket-Key"))
-        and headers.get("Sec-WebSocket-Version") == "13"
+        and len(keys) == 1
+        and _websocket_key(keys[0])
+        and headers.getall("Sec-WebSocket-Version", ()) == ["13"]
+        # RFC 6455 §4.1: a handshake is a GET without a body; ws_connect would forward the
+        # Content-Length without the bytes, and the client's bytes would be read as frames.
+        and request.content_length in (None, 0)
+        and "Transfer-Encoding" not in headers
     )
+
+
+def _websocket_key(key: str) -> bool:
+    """RFC 6455 §4.1: base64 of 16 bytes (what aiohttp's prepare() insists on after the
+    upstream handshake, which made a bad key a 500 with an upstream socket opened)."""
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
 
 
 def _framing_problem(request: web.BaseRequest) -> tuple[int, str] | None:

@@ -48,6 +48,7 @@ class _Connection(BaseProtocol):
         "_head_only",
         "_head_tail",
         "_pool",
+        "_timeout",
         "_timer",
         "_waiter",
         "closed",
@@ -62,6 +63,7 @@ class _Connection(BaseProtocol):
         self._pool = pool
         self._waiter: asyncio.Future[RawResponseMessage] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
         self._body_task: asyncio.Task[None] | None = None
         self._head_bytes = 0
         self._head_only = False
@@ -180,7 +182,10 @@ class _Connection(BaseProtocol):
     def _fail(self, exc: BaseException) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamFailure("connect", f"bad upstream response: {exc}"))
+            # Never the parser's text: it quotes the upstream's header bytes (cookies, tokens)
+            # and this message becomes the client's 502 body. Our own ValueErrors are fixed text.
+            what = str(exc) if type(exc) is ValueError else type(exc).__name__
+            waiter.set_exception(UpstreamFailure("connect", f"bad upstream response: {what}"))
         elif self.payload is not None and not self.payload.is_eof():
             self.payload.set_exception(BodyBroken(type(exc).__name__))
         self._parser = None
@@ -202,7 +207,7 @@ class _Connection(BaseProtocol):
             self._body_task.cancel()
 
     def begin(
-        self, head: bytes, *, with_body: bool, deadline: float
+        self, head: bytes, *, with_body: bool, deadline: float, timeout: float, body: bool = False
     ) -> asyncio.Future[RawResponseMessage]:
         loop = self._loop
         self._parser = HttpResponseParser(
@@ -222,7 +227,11 @@ class _Connection(BaseProtocol):
         self.started = False
         self.payload = None
         self._waiter = waiter = loop.create_future()
-        self._timer = loop.call_at(deadline, self._on_timeout)
+        # Time to response headers counts from the end of the request: with a body the timer
+        # starts in _pump once the last byte is written (a slow upload is not an upstream
+        # timeout). The connect time is already bounded by --connect-timeout.
+        self._timeout = timeout
+        self._timer = None if body else loop.call_at(deadline, self._on_timeout)
         assert self.transport is not None
         self.transport.write(head)
         return waiter
@@ -246,6 +255,9 @@ class _Connection(BaseProtocol):
                     await self._drain_helper()  # bounded memory for big uploads
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and self._timer is None:
+                self._timer = self._loop.call_later(self._timeout, self._on_timeout)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -363,7 +375,7 @@ class UpstreamPool:
         if conn is None:
             conn = await self._connect(deadline)
         try:
-            message = await self._exchange(conn, method, head, body, chunked, deadline)
+            message = await self._exchange(conn, method, head, body, chunked, deadline, timeout)
         except _Stale:
             if body is not None or method not in IDEMPOTENT:
                 raise UpstreamFailure(
@@ -371,7 +383,7 @@ class UpstreamPool:
                 ) from None
             conn = await self._connect(deadline)
             try:
-                message = await self._exchange(conn, method, head, body, chunked, deadline)
+                message = await self._exchange(conn, method, head, body, chunked, deadline, timeout)
             except _Stale:  # a fresh connection is never marked reused; kept for mypy
                 raise UpstreamFailure("connect", "upstream closed the connection") from None
         response = UpstreamResponse(conn, message)
@@ -389,11 +401,18 @@ class UpstreamPool:
         body: AsyncIterable[bytes] | None,
         chunked: bool,
         deadline: float,
+        timeout: float,
     ) -> RawResponseMessage:
         self._busy.add(conn)
         ok = False
         try:
-            waiter = conn.begin(head, with_body=method != "HEAD", deadline=deadline)
+            waiter = conn.begin(
+                head,
+                with_body=method != "HEAD",
+                deadline=deadline,
+                timeout=timeout,
+                body=body is not None,
+            )
             if body is not None:
                 conn.send_body(body, chunked)
             message = await waiter
