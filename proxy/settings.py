@@ -90,7 +90,7 @@ _HELP: Mapping[str, str] = {
     "cache_size": "maximum cached entries",
     "cache_stale_ttl": "seconds an old answer may be served while the store fails",
     "connect_timeout": "seconds to connect to the upstream",
-    "upstream_timeout": "seconds until the upstream's response headers",
+    "upstream_timeout": "seconds until the upstream's response headers (after the request body)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
     "header_timeout": "seconds a client gets to send a whole request head once it started (0: off)",
     "audit": "audit log lines on stdout: all | deny | off",
