@@ -418,6 +418,9 @@ async def forward_websocket(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoclose=False,
         autoping=True,
+        # The upstream side is uncompressed (ws_connect's default): compressing only towards
+        # the client would cost the proxy CPU on every frame for nothing it was asked to do.
+        compress=False,
     )
     for name, value in extra_response_headers:
         client.headers[name] = value

@@ -130,6 +130,10 @@ class _Connection(BaseProtocol):
                 self._fail(ValueError("extra response"))
                 return
             code = message.code
+            if not 100 <= code <= 599:
+                # RFC 9110 §15: three digits, 1xx-5xx; aiohttp would relay "0 Weird" as sent.
+                self._fail(ValueError("invalid status code"))
+                return
             if 100 <= code < 200:
                 # RFC 9110 §15.2: interim responses (100 Continue, 103 Early Hints) are not
                 # the answer; 101 was never asked for on this path.

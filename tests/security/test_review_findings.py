@@ -185,3 +185,14 @@ async def test_draining_closes_the_connection_it_says_it_closes(
     assert reply.statuses == [503]
     assert reply.closed
     assert recorder.requests == []
+
+
+@pytest.mark.parametrize("status_line", [b"HTTP/1.1 000 Weird", b"HTTP/1.1 099 Low"])
+async def test_an_invalid_upstream_status_code_is_a_502(
+    status_line: bytes, start_proxy: StartProxy
+) -> None:
+    """RFC 9110 §15: 1xx-5xx only; the lean client used to relay "0 Weird" as sent."""
+    async with scripted(status_line + b"\r\nContent-Length: 0\r\n\r\n") as url:
+        proxy = await start_proxy(url)
+        reply = await send_raw(proxy.server.proxy_port, request("/api/org", user="alice"))
+    assert reply.status == 502
