@@ -402,6 +402,16 @@ def _parse_jwks(raw: bytes, source: str, now: float) -> _KeySet:
     return _KeySet(by_kid=by_kid, keys=tuple(keys), loaded_at=now)
 
 
+def _cookie_copies(headers: CIMultiDictProxy[str] | CIMultiDict[str], name: str) -> int:
+    """How many `name=` pairs all Cookie header lines carry (RFC 6265 §5.4 pairs)."""
+    return sum(
+        1
+        for line in headers.getall("Cookie", ())
+        for pair in line.split(";")
+        if pair.partition("=")[0].strip() == name
+    )
+
+
 def _is_number(value: object) -> bool:
     return (
         isinstance(value, int | float)
@@ -556,6 +566,10 @@ class JwtAuthenticator:
                 raise _invalid("malformed Bearer credentials")
             token = parts[1]
         elif self.cookie is not None and cookies.get(self.cookie):
+            # Two copies of the cookie: which one a backend reads is its parser's choice (many
+            # take the first, aiohttp the last), so the proxy refuses to pick one.
+            if _cookie_copies(headers, self.cookie) > 1:
+                raise _invalid("token cookie appears more than once")
             token = cookies[self.cookie]
         else:
             raise _missing("no bearer token")

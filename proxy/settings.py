@@ -46,6 +46,7 @@ class Settings:
     connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
     shutdown_timeout: float = 15.0
+    header_timeout: float = 10.0
     audit: Literal["all", "deny", "off"] = "all"
     inject_user_header: str = "X-Auth-User"
     inject_org_header: str = "X-Auth-Org"
@@ -89,8 +90,9 @@ _HELP: Mapping[str, str] = {
     "cache_size": "maximum cached entries",
     "cache_stale_ttl": "seconds an old answer may be served while the store fails",
     "connect_timeout": "seconds to connect to the upstream",
-    "upstream_timeout": "seconds until the upstream's response headers",
+    "upstream_timeout": "seconds until the upstream's response headers (after the request body)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "header_timeout": "seconds a client gets to send a whole request head once it started (0: off)",
     "audit": "audit log lines on stdout: all | deny | off",
     "inject_user_header": "header carrying the user to the upstream",
     "inject_org_header": "header carrying the organization to the upstream",

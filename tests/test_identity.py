@@ -541,6 +541,30 @@ async def test_jwt_cookie_token() -> None:
                        cookies={"session": token})
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        ["session={sue}; session={alice}"],
+        ["session={sue}", "theme=dark; session={alice}"],
+        ["session={alice};session= {alice}"],
+    ],
+)
+async def test_jwt_cookie_sent_twice_is_invalid(lines: list[str]) -> None:
+    """Which copy a backend reads is its parser's choice: the proxy refuses to pick one."""
+    alice = jwt.encode(claims(), SECRET, algorithm="HS256")
+    sue = jwt.encode(claims(sub="sue"), SECRET, algorithm="HS256")
+    headers = hdrs(*(("Cookie", line.format(alice=alice, sue=sue)) for line in lines))
+    await expect_error(hs_auth(cookie="session"), headers, Reason.INVALID_CREDENTIALS,
+                       "more than once", cookies={"session": alice})
+
+
+async def test_jwt_cookie_beside_other_cookies_is_read() -> None:
+    token = jwt.encode(claims(), SECRET, algorithm="HS256")
+    headers = hdrs(("Cookie", f"sessionx=1; theme=dark; session={token}"))
+    auth = hs_auth(cookie="session")
+    assert (await auth.authenticate(headers, None, {"session": token})).user == "alice"
+
+
 async def test_jwt_authorization_header_wins_over_cookie() -> None:
     good = jwt.encode(claims(sub="header-user"), SECRET, algorithm="HS256")
     cookie = jwt.encode(claims(sub="cookie-user"), SECRET, algorithm="HS256")

@@ -48,8 +48,10 @@ _C1_CONTROL = re.compile(r"[\x80-\x9f]")
 
 # Look-alike separators that NFKC leaves alone but Windows best-fit code pages map to "/" or
 # "\" (Orange Tsai & splitline, "WorstFit", 2025): division slash, fraction slash, set minus,
-# reverse solidus operator, big solidus, big reverse solidus.
-_LOOKALIKE_SEPARATORS = frozenset("\u2215\u2044\u2216\u29f5\u29f8\u29f9")
+# reverse solidus operator, big solidus, big reverse solidus; and the yen sign and won sign,
+# which the Japanese (932) and Korean (949) code pages turn into byte 0x5C, "\" (WorstFit's
+# "..¥..¥" traversal on a backend that converts the path to its ANSI code page).
+_LOOKALIKE_SEPARATORS = frozenset("\u2215\u2044\u2216\u29f5\u29f8\u29f9\u00a5\u20a9")
 
 # Re-encoding: RFC 3986 unreserved characters (which `quote` always keeps) plus the sub-delims
 # and ":" "@" that are legal in a path segment (RFC 3986 §3.3) and carry no path structure.

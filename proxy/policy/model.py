@@ -64,7 +64,11 @@ ERROR_WORD: Mapping[int, str] = MappingProxyType(
         401: "unauthorized",
         403: "forbidden",
         405: "method_not_allowed",
+        408: "request_timeout",
+        414: "uri_too_long",
+        431: "request_header_fields_too_large",
         500: "internal_error",
+        501: "not_implemented",
         502: "bad_gateway",
         503: "service_unavailable",
         504: "gateway_timeout",
@@ -192,7 +196,7 @@ class Decision:
     role: str | None = None  # effective role used for the decision
     message: str = ""  # human explanation, safe to return to the client
     shadow_reason: Reason | None = None  # the real denial when reason is shadow_deny
-    status_override: int | None = None  # only 405 for CONNECT/TRACE (reason bad_request)
+    status_override: int | None = None  # 405/408/414/431/501, all with reason bad_request
 
     @property
     def status(self) -> int:

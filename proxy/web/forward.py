@@ -66,6 +66,10 @@ CLIENT_IP_HEADERS = frozenset(
     }
 )
 CHUNK = 64 * 1024
+# What aiohttp's header writer cannot relay byte for byte: controls (it raises, a 500) and
+# lone surrogates, i.e. upstream bytes that are not UTF-8 (its C writer silently DROPS them,
+# turning `Location: /\xff/evil.example` into `//evil.example`). Such a response is a 502.
+_UNRELAYABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 
 
 class UpstreamError(Exception):
@@ -99,14 +103,15 @@ class HeaderPolicy:
     role: str
     permission: str
     request_id: str
-    # False when two of the fields the proxy sets itself (X-Forwarded-*, Host and the injected
-    # names) are the same header: then a later one replaces an earlier one, as a CIMultiDict
-    # assignment would. Computed, never passed.
+    # False when two of the fields the proxy sets itself (X-Forwarded-*, Host, Content-Length
+    # and the injected names) are the same header: then a later one replaces an earlier one,
+    # as a CIMultiDict assignment would. Computed, never passed.
     distinct: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
         names = [self.user, self.org, self.role, self.permission, self.request_id]
         names += ["X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Host"]
+        names += ["Content-Length"]
         object.__setattr__(self, "distinct", len({n.lower() for n in names}) == len(names))
 
 
@@ -136,11 +141,17 @@ def upstream_fields(
     peer: str | None,
     peer_trusted: bool,
     scheme: str,
+    content_length: int | None = None,
 ) -> list[tuple[str, str]]:
     """The headers sent upstream: client headers minus hop-by-hop and spoofable ones.
 
     One pass over the client's headers that yields the final (name, value) list; the lean
     client serializes it as is, the aiohttp paths wrap it in a CIMultiDict.
+
+    The body's framing is the proxy's, never copied: `content_length` is the length aiohttp's
+    parser framed the client body with (None: no body, or a chunked one, re-chunked upstream).
+    A client `Connection: Content-Length` once removed the copied header while the body still
+    went upstream unframed, where the backend read it as a second request (smuggling).
     """
     connection = incoming.getall("Connection", None)
     named_by_connection = connection_names(tuple(connection)) if connection else _NO_NAMES
@@ -153,7 +164,12 @@ def upstream_fields(
         key = name.lower()
         if "_" in key:
             key = key.replace("_", "-")  # normalize(): `_` read as `-` (CGI/WSGI)
-        if key in stripped or key in HOP_BY_HOP or key in named_by_connection:
+        if (
+            key in stripped
+            or key in HOP_BY_HOP
+            or key in named_by_connection
+            or key == "content-length"
+        ):
             continue
         if key in CLIENT_IP_HEADERS or key.startswith("x-forwarded-"):
             # Only a trusted proxy in front of us may speak for the original client, and only
@@ -190,6 +206,8 @@ def upstream_fields(
     if permission is not None:
         ours.append((policy.permission, permission))
     ours.append((policy.request_id, request_id))
+    if content_length is not None:
+        ours.append(("Content-Length", str(content_length)))
     if policy.distinct:
         out += ours
         return out
@@ -211,6 +229,7 @@ def upstream_headers(
     peer: str | None,
     peer_trusted: bool,
     scheme: str,
+    content_length: int | None = None,
 ) -> CIMultiDict[str]:
     """upstream_fields as a CIMultiDict (the aiohttp client paths)."""
     return CIMultiDict(
@@ -225,6 +244,7 @@ def upstream_headers(
             peer=peer,
             peer_trusted=peer_trusted,
             scheme=scheme,
+            content_length=content_length,
         )
     )
 
@@ -240,6 +260,8 @@ def relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str,
             key = key.replace("_", "-")
         if key in HOP_BY_HOP or key in named:
             continue
+        if _UNRELAYABLE.search(value) is not None:
+            raise UpstreamError("connect", "upstream response header cannot be relayed as sent")
         kept.append((name, value))
     return kept
 
@@ -247,6 +269,11 @@ def relayed_response_headers(upstream: CIMultiDictProxy[str]) -> list[tuple[str,
 def response_headers(upstream: CIMultiDictProxy[str], into: CIMultiDict[str]) -> None:
     for name, value in relayed_response_headers(upstream):
         into.add(name, value)
+
+
+def _reason(reason: str | None) -> str | None:
+    """The upstream's reason phrase, or aiohttp's standard one when it cannot be relayed."""
+    return reason if reason and _UNRELAYABLE.search(reason) is None else None
 
 
 # Control characters aiohttp refuses in a header section (it raises ValueError); CR and LF
@@ -341,10 +368,13 @@ class _WholeRelayedResponse(_RelayedResponse):
     _send_headers_immediately = False
 
 
-async def _body(request: web.BaseRequest) -> AsyncIterator[bytes]:
+async def _body(
+    request: web.BaseRequest, limit: asyncio.Timeout, timeout: float
+) -> AsyncIterator[bytes]:
     # Stream the client's body: never request.read() (a 1 GiB upload stays in bounded memory).
     async for chunk in request.content.iter_chunked(CHUNK):
         yield chunk
+    limit.reschedule(asyncio.get_running_loop().time() + timeout)
 
 
 async def forward_http(
@@ -363,11 +393,12 @@ async def forward_http(
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    data = _body(request) if request.body_exists else None
     try:
         # The timeout covers only the wait for response headers: a long download or a
-        # Server-Sent Events stream may legitimately last longer.
-        async with asyncio.timeout(upstream_timeout):
+        # Server-Sent Events stream may legitimately last longer, and so may an upload (the
+        # clock starts once the body is sent).
+        async with asyncio.timeout(None if request.body_exists else upstream_timeout) as limit:
+            data = _body(request, limit, upstream_timeout) if request.body_exists else None
             upstream = await session.request(
                 request.method,
                 url,
@@ -385,11 +416,21 @@ async def forward_http(
         raise UpstreamError("connect", f"upstream error: {type(exc).__name__}") from None
     to_headers = loop.time() - started
     try:
-        response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
-        response_headers(upstream.headers, response.headers)
+        response = _RelayedResponse(status=upstream.status, reason=_reason(upstream.reason))
+        try:
+            response_headers(upstream.headers, response.headers)
+        except UpstreamError:
+            upstream.close()
+            raise
         for name, value in extra_response_headers:
             response.headers[name] = value
-        if "Content-Length" not in upstream.headers and request.method != "HEAD":
+        # An HTTP/1.0 client cannot take chunks (aiohttp raises): without a length, aiohttp
+        # chunks for 1.1 by itself and sends 1.0 a close-delimited body.
+        if (
+            "Content-Length" not in upstream.headers
+            and request.method != "HEAD"
+            and request.version >= HttpVersion11
+        ):
             response.enable_chunked_encoding()
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in (204, 304):
@@ -432,7 +473,7 @@ async def forward_lean(
     body = request.content.iter_chunked(CHUNK) if request.body_exists else None
     # A client body without Content-Length came chunked (its Transfer-Encoding is hop-by-hop
     # and was dropped): re-chunk it for the upstream, streaming.
-    chunked = body is not None and hdrs.CONTENT_LENGTH not in request.headers
+    chunked = body is not None and not any(name == "Content-Length" for name, _ in headers)
     try:
         head = request_head(method, target, headers, pool.authority, chunked=chunked)
     except ValueError as exc:
@@ -468,12 +509,16 @@ async def forward_lean(
             clean = True
             return _SentResponse(status=upstream.status, reason=upstream.reason), to_headers
         response = (_WholeRelayedResponse if whole else _RelayedResponse)(
-            status=upstream.status, reason=upstream.reason
+            status=upstream.status, reason=_reason(upstream.reason)
         )
         response_headers(upstream.headers, response.headers)
         for name, value in extra_response_headers:
             response.headers[name] = value
-        if hdrs.CONTENT_LENGTH not in upstream.headers and method != "HEAD":
+        if (
+            hdrs.CONTENT_LENGTH not in upstream.headers
+            and method != "HEAD"
+            and request.version >= HttpVersion11
+        ):
             response.enable_chunked_encoding()
         await response.prepare(request)
         if whole:
@@ -535,6 +580,9 @@ async def forward_websocket(
         protocols=(upstream.protocol,) if upstream.protocol else (),
         autoclose=False,
         autoping=True,
+        # The upstream side is uncompressed (ws_connect's default): compressing only towards
+        # the client would cost the proxy CPU on every frame for nothing it was asked to do.
+        compress=False,
     )
     for name, value in extra_response_headers:
         client.headers[name] = value

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import os
@@ -12,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -63,6 +65,9 @@ STORE_RETRY_AFTER = "5"
 _JSON = "application/json"
 _NO_COOKIES: Mapping[str, str] = MappingProxyType({})
 _ALLOW_ANY = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# RFC 9112 §3.2: Host is uri-host [":" port] (RFC 3986 §3.2.2); anything else is a 400. It is
+# forwarded, and backends build absolute URLs from it (reset links, redirects, cache keys).
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 _FOREVER = float("inf")
 
 
@@ -147,6 +152,21 @@ class ProxyHandler:
                     )
                 )
                 return self._reject(outcome, rid)
+            framing = _framing_problem(request)
+            if framing is not None:
+                status, message = framing
+                outcome = _Outcome(
+                    Decision(Reason.BAD_REQUEST, False, message=message, status_override=status)
+                )
+                resp = self._reject(outcome, rid)
+                resp.force_close()  # the body was not read: the connection cannot go on
+                return resp
+            host = request.headers.get("Host")
+            if host is not None and _HOST.fullmatch(host) is None:
+                outcome = _Outcome(
+                    Decision(Reason.BAD_REQUEST, False, message="invalid Host header")
+                )
+                return self._reject(outcome, rid)
             key = self._memo_key(request)
             memo = self._recall(key, policy) if key is not None else None
             if memo is not None:
@@ -162,7 +182,7 @@ class ProxyHandler:
             path = target.path
             if rt.draining:
                 resp = _json_error(503, "draining", rid, rid_header, "shutting down")
-                resp.headers["Connection"] = "close"
+                resp.force_close()  # aiohttp then says Connection: close, and means it
                 return resp
             if memo is not None:
                 outcome = _Outcome(memo.decision, memo.identity)
@@ -179,6 +199,8 @@ class ProxyHandler:
         except Exception:
             # A bug, not a decision: never forward, never aiohttp's bare text 500.
             log.exception("unexpected error while handling a request")
+            if outcome is not None:
+                outcome.status = 500  # the audit line must not say "allow ... status 0"
             return _json_error(500, "internal_error", rid, rid_header, "internal error")
         finally:
             rt.inflight -= 1
@@ -379,6 +401,7 @@ class ProxyHandler:
             peer=peer,
             peer_trusted=rt.trusted.contains(peer),
             scheme=request.scheme,
+            content_length=request.content_length,
         )
         if request.headers.get("Expect", "").lower() == "100-continue" and request.body_exists:
             # Authorized: now let the client send its body (RFC 9110 §10.1.1).
@@ -551,6 +574,34 @@ class ProxyHandler:
         resp.headers["Cache-Control"] = "no-store"
         return resp
 
+    def malformed(self, status: int, what: str, peer: str | None) -> web.Response:
+        """The answer to a request aiohttp's parser refused (proxy/web/protocol.py): a JSON
+        error like every other, counted and audited with method OTHER and no path."""
+        rid = os.urandom(16).hex()
+        decision = Decision(Reason.BAD_REQUEST, False, message=what, status_override=status)
+        rt = self.rt
+        rt.metrics.count_request(NO_ROUTE_LABEL, "OTHER", "deny", Reason.BAD_REQUEST, status, 0.0)
+        if rt.audit.wants(True):
+            rt.audit.write(
+                AuditRecord(
+                    request_id=rid,
+                    remote=peer,
+                    user=None,
+                    org=None,
+                    project=None,
+                    method="-",
+                    path="-",
+                    route=None,
+                    permission=None,
+                    decision="deny",
+                    reason=Reason.BAD_REQUEST.value,
+                    status=status,
+                    duration_ms=0.0,
+                    stale=False,
+                )
+            )
+        return self._reject(_Outcome(decision), rid)
+
     def _record(
         self, request: web.BaseRequest, outcome: _Outcome, rid: str, path: str, seconds: float
     ) -> None:
@@ -598,12 +649,42 @@ def _store_backstop(rt: Runtime) -> float:
 def _valid_websocket_handshake(request: web.BaseRequest) -> bool:
     headers = request.headers
     tokens = {t.strip().lower() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    keys = headers.getall("Sec-WebSocket-Key", ())
     return (
         request.method == "GET"
         and "upgrade" in tokens
-        and bool(headers.get("Sec-WebSocket-Key"))
-        and headers.get("Sec-WebSocket-Version") == "13"
+        and len(keys) == 1
+        and _websocket_key(keys[0])
+        and headers.getall("Sec-WebSocket-Version", ()) == ["13"]
+        # RFC 6455 §4.1: a handshake is a GET without a body; ws_connect would forward the
+        # Content-Length without the bytes, and the client's bytes would be read as frames.
+        and request.content_length in (None, 0)
+        and "Transfer-Encoding" not in headers
     )
+
+
+def _websocket_key(key: str) -> bool:
+    """RFC 6455 §4.1: base64 of 16 bytes (what aiohttp's prepare() insists on after the
+    upstream handshake, which made a bad key a 500 with an upstream socket opened)."""
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def _framing_problem(request: web.BaseRequest) -> tuple[int, str] | None:
+    """What aiohttp's parser (llhttp) accepts but a proxy must not pass on: (status, message).
+
+    llhttp frames `HTTP/0.9`-style and `HTTP/2.0` heads as HTTP/1 requests; and for
+    `Transfer-Encoding: gzip, chunked` it removes only the chunking, so the still-encoded body
+    would go upstream as if plain (found by the smuggling suite, issue 7).
+    """
+    if request.version not in (HttpVersion10, HttpVersion11):
+        return 400, "unsupported HTTP version"  # RFC 9112 §2.3
+    codings = request.headers.getall("Transfer-Encoding", ())
+    if codings and [c.strip().lower() for v in codings for c in v.split(",")] != ["chunked"]:
+        return 501, "unsupported transfer coding"  # RFC 9112 §6.1
+    return None
 
 
 def _peer(request: web.BaseRequest) -> str | None:

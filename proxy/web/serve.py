@@ -29,6 +29,7 @@ from proxy.stores.file import FileStore
 from proxy.web.admin import make_admin_app
 from proxy.web.forward import ALWAYS_STRIPPED, HeaderPolicy, normalize
 from proxy.web.handler import ProxyHandler
+from proxy.web.protocol import GuardedServer, Limits
 from proxy.web.runtime import Runtime
 from proxy.web.upstream import UpstreamPool
 
@@ -284,8 +285,11 @@ async def start(
     if _REDACTOR not in server_log.filters:
         server_log.addFilter(_REDACTOR)
     # No aiohttp access log on the proxy port: the audit log is the per-request record.
-    proxy_server = web.Server(
-        ProxyHandler(rt),
+    handler = ProxyHandler(rt)
+    proxy_server = GuardedServer(
+        handler,
+        limits=Limits(header_timeout=settings.header_timeout),
+        on_malformed=handler.malformed,
         handler_cancellation=True,
         access_log=None,
         # Idle keep-alive connections close after 75 s (aiohttp's default is an hour):

@@ -46,7 +46,10 @@ class _Connection(BaseProtocol):
     __slots__ = (
         "_body_task",
         "_head_bytes",
+        "_head_only",
+        "_head_tail",
         "_pool",
+        "_timeout",
         "_timer",
         "_waiter",
         "closed",
@@ -61,8 +64,11 @@ class _Connection(BaseProtocol):
         self._pool = pool
         self._waiter: asyncio.Future[RawResponseMessage] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
         self._body_task: asyncio.Task[None] | None = None
         self._head_bytes = 0
+        self._head_only = False
+        self._head_tail = b""
         self.payload: StreamReader | None = None
         self.closed = False
         self.reused = False
@@ -72,6 +78,34 @@ class _Connection(BaseProtocol):
     # --- asyncio.Protocol ------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._head_only and self._parser is not None:
+            self._feed_head_only(data)
+        else:
+            self._feed(data)
+
+    def _feed_head_only(self, data: bytes) -> None:
+        """A response to HEAD ends with its header section (RFC 9110 §9.3.2).
+
+        Backends often send their GET body anyway, frequently in the same read as the head;
+        fed to the parser, those bytes look like a malformed next response and failed the
+        whole exchange (502). Feed up to each end of a header section (1xx heads included)
+        and drop whatever follows the final one: the connection is never reused after HEAD.
+        """
+        joined = self._head_tail + data
+        shift = len(self._head_tail)
+        self._head_tail = joined[-3:]
+        start = 0
+        while start < len(data):
+            waiter = self._waiter
+            if self._parser is None or waiter is None or waiter.done():
+                return  # after the final head (or a failure): a stray body, never parsed
+            # The first search starts in the kept tail: a CRLFCRLF may straddle two reads.
+            end = joined.find(b"\r\n\r\n", start + shift if start else 0)
+            stop = len(data) if end < 0 else end + 4 - shift
+            self._feed(data[start:stop])
+            start = stop
+
+    def _feed(self, data: bytes) -> None:
         parser = self._parser
         if parser is None:
             # Bytes nobody asked for (or after a finished response): the connection's framing
@@ -97,6 +131,10 @@ class _Connection(BaseProtocol):
                 self._fail(ValueError("extra response"))
                 return
             code = message.code
+            if not 100 <= code <= 599:
+                # RFC 9110 §15: three digits, 1xx-5xx; aiohttp would relay "0 Weird" as sent.
+                self._fail(ValueError("invalid status code"))
+                return
             if 100 <= code < 200:
                 # RFC 9110 §15.2: interim responses (100 Continue, 103 Early Hints) are not
                 # the answer; 101 was never asked for on this path.
@@ -149,7 +187,10 @@ class _Connection(BaseProtocol):
     def _fail(self, exc: BaseException) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_exception(UpstreamFailure("connect", f"bad upstream response: {exc}"))
+            # Never the parser's text: it quotes the upstream's header bytes (cookies, tokens)
+            # and this message becomes the client's 502 body. Our own ValueErrors are fixed text.
+            what = str(exc) if type(exc) is ValueError else type(exc).__name__
+            waiter.set_exception(UpstreamFailure("connect", f"bad upstream response: {what}"))
         elif self.payload is not None and not self.payload.is_eof():
             self.payload.set_exception(BodyBroken(type(exc).__name__))
         self._parser = None
@@ -171,7 +212,7 @@ class _Connection(BaseProtocol):
             self._body_task.cancel()
 
     def begin(
-        self, head: bytes, *, with_body: bool, deadline: float
+        self, head: bytes, *, with_body: bool, deadline: float, timeout: float, body: bool = False
     ) -> asyncio.Future[RawResponseMessage]:
         loop = self._loop
         self._parser = HttpResponseParser(
@@ -186,10 +227,16 @@ class _Connection(BaseProtocol):
             auto_decompress=False,  # the client gets the upstream's bytes unchanged
         )
         self._head_bytes = 0
+        self._head_only = not with_body
+        self._head_tail = b""
         self.started = False
         self.payload = None
         self._waiter = waiter = loop.create_future()
-        self._timer = loop.call_at(deadline, self._on_timeout)
+        # Time to response headers counts from the end of the request: with a body the timer
+        # starts in _pump once the last byte is written (a slow upload is not an upstream
+        # timeout). The connect time is already bounded by --connect-timeout.
+        self._timeout = timeout
+        self._timer = None if body else loop.call_at(deadline, self._on_timeout)
         assert self.transport is not None
         self.transport.write(head)
         return waiter
@@ -213,6 +260,9 @@ class _Connection(BaseProtocol):
                     await self._drain_helper()  # bounded memory for big uploads
             if chunked and self.transport is not None:
                 self.transport.write(b"0\r\n\r\n")
+            waiter = self._waiter
+            if waiter is not None and not waiter.done() and self._timer is None:
+                self._timer = self._loop.call_later(self._timeout, self._on_timeout)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -330,7 +380,7 @@ class UpstreamPool:
         if conn is None:
             conn = await self._connect(deadline)
         try:
-            message = await self._exchange(conn, method, head, body, chunked, deadline)
+            message = await self._exchange(conn, method, head, body, chunked, deadline, timeout)
         except _Stale:
             if body is not None or method not in IDEMPOTENT:
                 raise UpstreamFailure(
@@ -338,7 +388,7 @@ class UpstreamPool:
                 ) from None
             conn = await self._connect(deadline)
             try:
-                message = await self._exchange(conn, method, head, body, chunked, deadline)
+                message = await self._exchange(conn, method, head, body, chunked, deadline, timeout)
             except _Stale:  # a fresh connection is never marked reused; kept for mypy
                 raise UpstreamFailure("connect", "upstream closed the connection") from None
         response = UpstreamResponse(conn, message)
@@ -356,11 +406,18 @@ class UpstreamPool:
         body: AsyncIterable[bytes] | None,
         chunked: bool,
         deadline: float,
+        timeout: float,
     ) -> RawResponseMessage:
         self._busy.add(conn)
         ok = False
         try:
-            waiter = conn.begin(head, with_body=method != "HEAD", deadline=deadline)
+            waiter = conn.begin(
+                head,
+                with_body=method != "HEAD",
+                deadline=deadline,
+                timeout=timeout,
+                body=body is not None,
+            )
             if body is not None:
                 conn.send_body(body, chunked)
             message = await waiter

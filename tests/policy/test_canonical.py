@@ -233,6 +233,9 @@ REJECTED: list[tuple[str | bytes, bool, str]] = [
     ("/\uff0e\u3000", False, "ambiguous Unicode"),
     ("/a\u2215b", False, "look-alike"),
     ("/a\u2216b", False, "look-alike"),
+    ("/..\u00a5..\u00a5x", False, "look-alike"),  # yen sign: "\\" in code page 932 (WorstFit)
+    ("/a%C2%A5b", False, "look-alike"),
+    ("/..%E2%82%A9x", False, "look-alike"),  # won sign: "\\" in code page 949
     # method override in the query, in any spelling a framework would read
     ("/a?_method=PUT", False, "'_method'"),
     ("/a?_METHOD=PUT", False, "'_method'"),

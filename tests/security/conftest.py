@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.security.harness import Recorder
-from tests.web.conftest import Proxy, StartProxy, start_proxy
+from tests.web.conftest import Proxy, StartProxy, start_backend, start_proxy
 
-__all__ = ["guarded", "recorder", "start_proxy"]
+__all__ = ["guarded", "recorder", "start_backend", "start_proxy"]
 
 
 @pytest.fixture

@@ -150,14 +150,55 @@ class RawReply:
 
     @property
     def statuses(self) -> list[int]:
-        """Status of every response in the stream, in order (1xx interim ones included)."""
-        return [int(m.group(1)) for m in re.finditer(rb"(?:^|\r\n)HTTP/1\.[01] (\d{3})", self.data)]
+        """Final status of every response in the stream, in order (see parse_statuses)."""
+        return parse_statuses(self.data)
 
     @property
     def status(self) -> int | None:
         """The first final (non-1xx) status, or None when the proxy answered nothing."""
-        finals = [s for s in self.statuses if s >= 200]
+        finals = self.statuses
         return finals[0] if finals else None
+
+
+_STATUS_LINE = re.compile(rb"HTTP/\d\.\d (\d{3})[^\r\n]*\r\n")
+
+
+def parse_statuses(data: bytes) -> list[int]:
+    """Every final response status in a stream, following each response's own framing, so a
+    pipelined answer right after a body is found too. Any HTTP version counts (an `HTTP/0.9`
+    or `HTTP/2.0` status line is an answer, not silence). 1xx interim answers are skipped;
+    bytes that are not a status line end the stream (a close-delimited body takes the rest).
+    """
+    out: list[int] = []
+    pos = 0
+    for _ in range(64):  # bounded: more answers than that on one connection is a failure anyway
+        m = _STATUS_LINE.match(data, pos)
+        if m is None:
+            break
+        status = int(m.group(1))
+        end = data.find(b"\r\n\r\n", m.start())
+        if end < 0:
+            out.append(status)
+            break
+        head = data[m.end() : end].split(b"\r\n")
+        pos = end + 4
+        if 100 <= status < 200:
+            continue
+        out.append(status)
+        fields = {
+            k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in head)
+        }
+        if b"content-length" in fields:
+            pos += int(fields[b"content-length"])
+        elif b"chunked" in fields.get(b"transfer-encoding", b"").lower():
+            while (nl := data.find(b"\r\n", pos)) >= 0:
+                size = int(data[pos:nl].split(b";")[0], 16)
+                pos = nl + 2 + size + 2
+                if size == 0:
+                    break
+        elif status not in (204, 304):
+            break  # close-delimited: the rest of the stream is this body
+    return out
 
 
 async def send_raw(

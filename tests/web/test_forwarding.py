@@ -449,6 +449,20 @@ async def test_websocket_echo_and_close_code_pass_through(demo_proxy: Proxy) -> 
         assert ws.close_code == 4001
 
 
+async def test_websocket_to_the_client_is_not_compressed(demo_proxy: Proxy) -> None:
+    """The upstream leg is uncompressed; deflating only the client leg costs CPU per frame."""
+    async with (
+        ClientSession() as session,
+        session.ws_connect(
+            demo_proxy.url + f"{P}/task-history/live", headers=BOB, compress=15
+        ) as ws,
+    ):
+        assert ws.compress == 0
+        await ws.send_str("hello")
+        msg = await ws.receive(timeout=WAIT)
+        assert (msg.type, msg.data) == (WSMsgType.TEXT, "hello")
+
+
 async def test_websocket_upgrade_on_a_route_without_websocket_is_400(
     demo_proxy: Proxy, backend: Backend
 ) -> None:

@@ -1,0 +1,293 @@
+"""Slow and oversized clients: slowloris, 414/431, thousands of idle connections, a client that
+never reads (issue 7, item 5). Limits: proxy/web/protocol.py; docs/operations.md lists them."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+
+from aiohttp import web
+
+from proxy.web.protocol import MAX_FIELD, MAX_HEADERS, MAX_TARGET
+from tests.security.harness import RawReply, Recorder, request, send_raw
+from tests.web.conftest import Proxy, StartBackend, StartProxy
+
+HEAD_TIMEOUT = 0.5
+
+
+async def _slow_proxy(start_proxy: StartProxy, recorder: Recorder) -> Proxy:
+    return await start_proxy(recorder.url, header_timeout=HEAD_TIMEOUT)
+
+
+async def _trickle(port: int, data: bytes, interval: float, limit: float) -> tuple[bytes, float]:
+    """Send `data` one byte per `interval` s; return what came back and when the proxy closed
+    (seconds after the first byte), or `limit` if it never did."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    received = b""
+    try:
+        for byte in data:
+            if loop.time() - started > limit:
+                break
+            with contextlib.suppress(ConnectionError):
+                writer.write(bytes([byte]))
+            try:
+                chunk = await asyncio.wait_for(reader.read(65536), interval)
+            except TimeoutError:
+                continue
+            except ConnectionError:
+                return received, loop.time() - started
+            received += chunk
+            if not chunk:
+                return received, loop.time() - started
+        return received, limit
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+def _count(proxy: Proxy, code: int) -> float:
+    metrics = proxy.server.runtime.metrics
+    total = 0.0
+    for family in metrics.requests.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total") and sample.labels.get("code") == str(code):
+                total += sample.value
+    return total
+
+
+# --- slowloris --------------------------------------------------------------------------------
+
+
+async def test_a_head_sent_one_byte_at_a_time_is_cut_with_408(
+    start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    proxy = await _slow_proxy(start_proxy, recorder)
+    head = (
+        b"GET /api/org HTTP/1.1\r\nHost: dash.example\r\nX-User-Id: alice\r\nX-Pad: " + b"a" * 200
+    )
+    received, closed_after = await _trickle(proxy.server.proxy_port, head, 0.05, limit=5.0)
+    assert received.startswith(b"HTTP/1.1 408 ")
+    head, _, body = received.partition(b"\r\n\r\n")
+    answer = json.loads(body)
+    assert answer["error"] == "request_timeout"
+    assert b"X-Request-Id: " + answer["request_id"].encode() in head
+    assert HEAD_TIMEOUT * 0.9 <= closed_after < HEAD_TIMEOUT + 1.5
+    assert recorder.requests == []
+    assert _count(proxy, 408) == 1
+
+
+async def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(
+    start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    proxy = await _slow_proxy(start_proxy, recorder)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(request("/api/org", close=False))
+        first = await asyncio.wait_for(reader.readuntil(b'{"ok":true}'), 5)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        writer.write(b"GET /api/org/billing HTTP/1.1\r\nHost: x\r\n")  # ...and nothing more
+        rest = await asyncio.wait_for(reader.read(-1), HEAD_TIMEOUT + 3)
+    finally:
+        writer.close()
+    assert rest.startswith(b"HTTP/1.1 408 ")
+    assert recorder.targets() == [b"/api/org"]
+
+
+async def test_an_idle_connection_is_not_cut_by_the_head_deadline(
+    start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    """The deadline starts at the first byte of a head: idle keep-alive is the 75 s timer's."""
+    proxy = await _slow_proxy(start_proxy, recorder)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        await asyncio.sleep(HEAD_TIMEOUT * 3)
+        writer.write(request("/api/org"))
+        reply = await asyncio.wait_for(reader.read(-1), 5)
+    finally:
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_a_slow_body_is_not_cut_by_the_head_deadline(
+    start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    """Only the head has a deadline: a slow upload of an allowed request goes through."""
+    proxy = await _slow_proxy(start_proxy, recorder)
+    body = b"0123456789"
+    head = request(
+        "/api/projects/proj-prod/workflows", method="POST", headers=[f"Content-Length: {len(body)}"]
+    ).removesuffix(b"\r\n\r\n")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(head + b"\r\n\r\n")
+        for byte in body:  # 10 bytes over ~4 head timeouts
+            await asyncio.sleep(HEAD_TIMEOUT / 2.5)
+            writer.write(bytes([byte]))
+        reply = await asyncio.wait_for(reader.read(-1), 5)
+    finally:
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert [r.body for r in recorder.requests] == [body]
+
+
+async def test_header_timeout_zero_turns_the_deadline_off(
+    start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    proxy = await start_proxy(recorder.url, header_timeout=0)
+    head = request("/api/org")
+    received, _ = await _trickle(proxy.server.proxy_port, head, 0.02, limit=5.0)
+    assert received.startswith(b"HTTP/1.1 200 ")
+
+
+# --- oversized heads --------------------------------------------------------------------------
+
+
+def _json(reply: RawReply) -> dict[str, object]:
+    body = reply.data.partition(b"\r\n\r\n")[2]
+    parsed = json.loads(body)
+    assert isinstance(parsed, dict)
+    return parsed
+
+
+async def test_a_request_target_over_the_limit_is_414(guarded: Proxy, recorder: Recorder) -> None:
+    target = "/api/org?q=" + "a" * (MAX_TARGET - len("/api/org?q=") + 1)
+    reply = await send_raw(guarded.server.proxy_port, request(target))
+    assert reply.status == 414
+    assert reply.closed
+    body = _json(reply)
+    assert body["error"] == "uri_too_long"
+    assert body["reason"] == "bad_request"
+    assert b"X-Request-Id: " + str(body["request_id"]).encode() in reply.data
+    assert recorder.requests == []
+    assert _count(guarded, 414) == 1
+
+
+async def test_a_request_target_at_the_limit_is_served(guarded: Proxy, recorder: Recorder) -> None:
+    target = "/api/org?q=" + "a" * (MAX_TARGET - len("/api/org?q="))
+    reply = await send_raw(guarded.server.proxy_port, request(target))
+    assert reply.status == 200
+    assert recorder.targets() == [target.encode()]
+
+
+async def test_a_header_line_over_the_limit_is_431(guarded: Proxy, recorder: Recorder) -> None:
+    line = "Cookie: " + "c" * (MAX_FIELD + 10)
+    reply = await send_raw(guarded.server.proxy_port, request("/api/org", headers=[line]))
+    assert reply.status == 431
+    assert _json(reply)["error"] == "request_header_fields_too_large"
+    assert "c" * 50 not in reply.data.decode("latin-1")  # the header is never echoed
+    assert recorder.requests == []
+
+
+async def test_too_many_header_lines_is_431(guarded: Proxy, recorder: Recorder) -> None:
+    lines = [f"X-Pad-{i}: v" for i in range(MAX_HEADERS + 1)]
+    reply = await send_raw(guarded.server.proxy_port, request("/api/org", headers=lines))
+    assert reply.status == 431
+    assert recorder.requests == []
+
+
+async def test_the_largest_allowed_head_is_served(guarded: Proxy, recorder: Recorder) -> None:
+    # request() adds Host, X-User-Id and Connection: MAX_HEADERS lines in all.
+    lines = [f"X-Pad-{i}: " + "v" * 100 for i in range(MAX_HEADERS - 3)]
+    reply = await send_raw(guarded.server.proxy_port, request("/api/org", headers=lines))
+    assert reply.status == 200
+    assert len(recorder.requests) == 1
+
+
+async def test_a_malformed_head_gets_a_json_400_without_the_parsers_text(
+    guarded: Proxy, recorder: Recorder
+) -> None:
+    raw = b"GET /api/org HTTP/1.1\r\nHost: x\r\nX-Secret-Token abcdef123456\r\n\r\n"
+    reply = await send_raw(guarded.server.proxy_port, raw)
+    assert reply.status == 400
+    assert b"abcdef123456" not in reply.data
+    assert _json(reply)["message"] == "malformed HTTP request"
+    assert recorder.requests == []
+    lines = [json.loads(line) for line in guarded.audit_lines()]
+    assert [(x["status"], x["reason"], x["path"]) for x in lines] == [(400, "bad_request", "-")]
+
+
+# --- many idle connections ------------------------------------------------------------------
+
+
+async def test_thousands_of_idle_connections_do_not_stop_new_requests(
+    guarded: Proxy, recorder: Recorder
+) -> None:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    idle = min(2000, (soft - 200) // 2)  # each costs a descriptor on both ends (same process)
+    assert idle >= 1000, f"RLIMIT_NOFILE {soft} is too low for this test"
+    port = guarded.server.proxy_port
+    writers: list[asyncio.StreamWriter] = []
+    try:
+        for i in range(idle):
+            _r, w = await asyncio.open_connection("127.0.0.1", port)
+            if i % 2:
+                w.write(b"GET /api/org HTTP/1.1\r\n")  # half of them with a started head
+            writers.append(w)
+        replies = await asyncio.gather(
+            *(send_raw(port, request("/api/org"), limit=10.0) for _ in range(20))
+        )
+    finally:
+        for w in writers:
+            w.close()
+    assert [r.status for r in replies] == [200] * 20
+    assert len(recorder.requests) == 20
+
+
+# --- a client that never reads ----------------------------------------------------------------
+
+
+async def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_response(
+    start_backend: StartBackend, start_proxy: StartProxy
+) -> None:
+    """The upstream is paused by flow control: what it managed to send while the client read
+    nothing is bounded by socket and transport buffers, not by the response size."""
+    sent = 0
+    chunk = b"x" * 65536
+    total = 256 * 1024 * 1024
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = total
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while sent < total:
+                await resp.write(chunk)
+                sent += len(chunk)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/api/projects/{p}/workflows", huge)
+    backend = await start_backend(app)
+    proxy = await start_proxy(backend.url)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(request("/api/projects/proj-prod/workflows"))
+        await writer.drain()
+        previous = -1
+        for _ in range(50):  # until the upstream stalls (bounded: 5 s)
+            await asyncio.sleep(0.1)
+            if sent == previous and sent > 0:
+                break
+            previous = sent
+        stalled_at = sent
+        assert 0 < stalled_at < 64 * 1024 * 1024, f"upstream sent {stalled_at} bytes"
+        print(f"upstream stalled after {stalled_at} bytes")
+        # ...and the proxy still serves everyone else meanwhile.
+        other = await send_raw(proxy.server.proxy_port, request("/healthz"), limit=5.0)
+        assert other.status is not None
+        # Reading resumes the flow: the bytes keep coming.
+        got = 0
+        async with asyncio.timeout(10):
+            while got < 2 * stalled_at + 1024 * 1024:
+                data = await reader.read(1 << 20)
+                assert data
+                got += len(data)
+        assert sent > stalled_at
+    finally:
+        writer.close()
