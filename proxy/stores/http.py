@@ -50,7 +50,9 @@ class HttpStore:
         self._base = base
         self._prefix = base.raw_path.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._headers = {"Accept": "application/json"}
+        # Identity only: a compressed answer would be inflated before the 1 MiB check, so
+        # a 200 KB gzip body could cost hundreds of MB and block the loop (review 2).
+        self._headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._session = session
@@ -126,9 +128,13 @@ class HttpStore:
                 timeout=self._timeout,
                 # A redirect could carry the bearer token elsewhere; the store must answer.
                 allow_redirects=False,
+                # The size limit below counts the bytes as sent: never inflate them.
+                auto_decompress=False,
             ) as resp:
                 if resp.status != 200 or not read_body:
                     return resp.status, b""
+                if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+                    raise StoreError("http store answer is content-encoded (asked for identity)")
                 if resp.content_length is not None and resp.content_length > MAX_BODY:
                     raise StoreError(f"http store answer too large ({resp.content_length} bytes)")
                 body = bytearray()

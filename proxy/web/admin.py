@@ -21,6 +21,7 @@ RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 RELOAD = web.AppKey[Callable[[], dict[str, str]]]("reload")
 TOKEN: web.AppKey[str | None] = web.AppKey("token", str)
 METRICS_TEXT = web.AppKey[Callable[[], bytes]]("metrics_text")
+MAX_ADMIN_BODY = 64 * 1024
 
 
 def make_admin_app(
@@ -101,10 +102,14 @@ async def _invalidate(request: web.Request) -> web.Response:
     denied = _authorized(request)
     if denied is not None:
         return denied
+    raw = await read_limited(request)
+    if raw is None:
+        # Never act on a truncated body: 64 KiB of spaces before {"user": "bob"} read as {}
+        # and dropped every user's entries.
+        return web.json_response({"error": "body too large"}, status=413)
     try:
-        raw = await request.content.read(64 * 1024 + 1)
         body = json.loads(raw) if raw.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays or objects
         return web.json_response({"error": "body must be JSON"}, status=400)
     if not isinstance(body, dict) or not set(body) <= {"user"}:
         return web.json_response({"error": 'expected {"user": "ID"} or {}'}, status=400)
@@ -115,8 +120,20 @@ async def _invalidate(request: web.Request) -> web.Response:
     # A member file edit invalidates everyone it touched, not only the user named.
     scope = None if _reread_member_file(rt) else user
     dropped = rt.cache.invalidate(scope)
-    log.info("cache invalidated: user=%s dropped=%d", scope or "*", dropped)
+    # %r: the id comes from the request body; a newline must not forge a log line.
+    log.info("cache invalidated: user=%r dropped=%d", scope or "*", dropped)
     return web.json_response({"invalidated": scope or "*", "entries": dropped})
+
+
+async def read_limited(request: web.Request, limit: int = MAX_ADMIN_BODY) -> bytes | None:
+    """The whole body, or None when it is longer than `limit` (one read() may return only
+    the bytes that have arrived so far: read until EOF)."""
+    raw = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > limit:
+            return None
+    return bytes(raw)
 
 
 def _reread_member_file(rt: Runtime) -> bool:
