@@ -168,10 +168,11 @@ def _expect_object(status: int, body: bytes) -> Mapping[str, Any]:
 
 def _parse_members(data: Mapping[str, Any], user: str) -> tuple[Membership, ...]:
     """SPEC §6: {"user": U, "memberships": [{"org", "plan", "role", "projects"}, ...]}."""
-    if "user" in data and data["user"] != user:
-        # An answer about someone else (a routing or caching bug in the store) must never
-        # decide this user's access.
-        raise StoreError("http store answered for a different user")
+    if data.get("user") != user:
+        # An answer about someone else (a routing or caching bug in the store, or a front
+        # proxy that decodes %2F and resolves `..` in a user id sent as one path segment)
+        # must never decide this user's access: the answer has to name its user (SPEC §6).
+        raise StoreError("http store answer does not name the user asked about")
     items = data.get("memberships")
     if not isinstance(items, list):
         raise StoreError("http store answer: 'memberships' must be a list")
@@ -207,8 +208,8 @@ def _parse_membership(item: object) -> Membership:
 
 def _parse_project(data: Mapping[str, Any], project: str) -> str:
     """SPEC §6: {"project": P, "org": O}."""
-    if "project" in data and data["project"] != project:
-        raise StoreError("http store answered for a different project")
+    if data.get("project") != project:
+        raise StoreError("http store answer does not name the project asked about")
     org = data.get("org")
     if not isinstance(org, str) or not org:
         raise StoreError("http store answer: 'org' must be a non-empty string")
