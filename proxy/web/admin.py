@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -22,6 +23,33 @@ RELOAD = web.AppKey[Callable[[], dict[str, str]]]("reload")
 TOKEN: web.AppKey[str | None] = web.AppKey("token", str)
 METRICS_TEXT = web.AppKey[Callable[[], bytes]]("metrics_text")
 MAX_ADMIN_BODY = 64 * 1024
+READY_PING_TTL = 1.0  # seconds a role-store ping answers /readyz
+
+
+class StorePing:
+    """The store ping behind /readyz, at most one per READY_PING_TTL: the probe is
+    unauthenticated, and each call must not become a store round trip (second review)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._lock = asyncio.Lock()
+        self._at = float("-inf")
+        self._problem: str | None = None
+
+    async def problem(self) -> str | None:
+        async with self._lock:  # concurrent probes share one ping
+            now = asyncio.get_running_loop().time()
+            if now - self._at >= READY_PING_TTL:
+                try:
+                    await self._rt.store.ping()
+                    self._problem = None
+                except Exception as exc:  # any failure means "not ready"; the reason is reported
+                    self._problem = f"role store unreachable: {type(exc).__name__}"
+                self._at = asyncio.get_running_loop().time()
+            return self._problem
+
+
+PING = web.AppKey("ping", StorePing)
 
 
 def make_admin_app(
@@ -33,6 +61,7 @@ def make_admin_app(
 ) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
+    app[PING] = StorePing(runtime)
     app[RELOAD] = reload
     app[TOKEN] = token or None
     app[METRICS_TEXT] = metrics_text or (lambda: generate_latest(runtime.metrics.registry))
@@ -62,10 +91,9 @@ async def _readyz(request: web.Request) -> web.Response:
     problems: list[str] = []
     if rt.draining:
         problems.append("draining")
-    try:
-        await rt.store.ping()
-    except Exception as exc:  # any failure means "not ready"; the reason is reported
-        problems.append(f"role store unreachable: {type(exc).__name__}")
+    store_problem = await request.app[PING].problem()
+    if store_problem is not None:
+        problems.append(store_problem)
     if problems:
         return web.json_response({"status": "unavailable", "problems": problems}, status=503)
     return web.json_response({"status": "ready", "routes": len(rt.routes.policy.routes)})
