@@ -686,12 +686,16 @@ class JwtAuthenticator:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         # No redirects: a redirect could move the key source (or downgrade it to http).
+        # auto_decompress=False and identity only: MAX_JWKS_BYTES must bound the bytes as
+        # sent, not a gzip body that inflates a thousandfold before the check (review 2).
         async with self._session.get(
-            url, timeout=self._timeout, allow_redirects=False,
-            headers={"Accept": "application/json"},
+            url, timeout=self._timeout, allow_redirects=False, auto_decompress=False,
+            headers={"Accept": "application/json", "Accept-Encoding": "identity"},
         ) as response:
             if response.status != 200:
                 raise ValueError(f"HTTP status {response.status}")
+            if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+                raise ValueError("content-encoded document (asked for identity)")
             body = bytearray()
             async for chunk in response.content.iter_chunked(65536):
                 body += chunk

@@ -47,6 +47,7 @@ class Settings:
     upstream_timeout: float = 60.0
     shutdown_timeout: float = 15.0
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
     audit: Literal["all", "deny", "off"] = "all"
     inject_user_header: str = "X-Auth-User"
     inject_org_header: str = "X-Auth-Org"
@@ -92,6 +93,7 @@ _HELP: Mapping[str, str] = {
     "connect_timeout": "seconds to connect to the upstream",
     "upstream_timeout": "seconds until the upstream's response headers (after the request body)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "body_timeout": "seconds a request body may stay idle between two reads (0: off)",
     "header_timeout": "seconds a client gets to send a whole request head once it started (0: off)",
     "audit": "audit log lines on stdout: all | deny | off",
     "inject_user_header": "header carrying the user to the upstream",

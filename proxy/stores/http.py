@@ -50,7 +50,9 @@ class HttpStore:
         self._base = base
         self._prefix = base.raw_path.rstrip("/")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
-        self._headers = {"Accept": "application/json"}
+        # Identity only: a compressed answer would be inflated before the 1 MiB check, so
+        # a 200 KB gzip body could cost hundreds of MB and block the loop (review 2).
+        self._headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         self._session = session
@@ -126,9 +128,13 @@ class HttpStore:
                 timeout=self._timeout,
                 # A redirect could carry the bearer token elsewhere; the store must answer.
                 allow_redirects=False,
+                # The size limit below counts the bytes as sent: never inflate them.
+                auto_decompress=False,
             ) as resp:
                 if resp.status != 200 or not read_body:
                     return resp.status, b""
+                if resp.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+                    raise StoreError("http store answer is content-encoded (asked for identity)")
                 if resp.content_length is not None and resp.content_length > MAX_BODY:
                     raise StoreError(f"http store answer too large ({resp.content_length} bytes)")
                 body = bytearray()
@@ -162,10 +168,11 @@ def _expect_object(status: int, body: bytes) -> Mapping[str, Any]:
 
 def _parse_members(data: Mapping[str, Any], user: str) -> tuple[Membership, ...]:
     """SPEC §6: {"user": U, "memberships": [{"org", "plan", "role", "projects"}, ...]}."""
-    if "user" in data and data["user"] != user:
-        # An answer about someone else (a routing or caching bug in the store) must never
-        # decide this user's access.
-        raise StoreError("http store answered for a different user")
+    if data.get("user") != user:
+        # An answer about someone else (a routing or caching bug in the store, or a front
+        # proxy that decodes %2F and resolves `..` in a user id sent as one path segment)
+        # must never decide this user's access: the answer has to name its user (SPEC §6).
+        raise StoreError("http store answer does not name the user asked about")
     items = data.get("memberships")
     if not isinstance(items, list):
         raise StoreError("http store answer: 'memberships' must be a list")
@@ -201,8 +208,8 @@ def _parse_membership(item: object) -> Membership:
 
 def _parse_project(data: Mapping[str, Any], project: str) -> str:
     """SPEC §6: {"project": P, "org": O}."""
-    if "project" in data and data["project"] != project:
-        raise StoreError("http store answered for a different project")
+    if data.get("project") != project:
+        raise StoreError("http store answer does not name the project asked about")
     org = data.get("org")
     if not isinstance(org, str) or not org:
         raise StoreError("http store answer: 'org' must be a non-empty string")

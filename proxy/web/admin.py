@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -21,6 +22,34 @@ RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 RELOAD = web.AppKey[Callable[[], dict[str, str]]]("reload")
 TOKEN: web.AppKey[str | None] = web.AppKey("token", str)
 METRICS_TEXT = web.AppKey[Callable[[], bytes]]("metrics_text")
+MAX_ADMIN_BODY = 64 * 1024
+READY_PING_TTL = 1.0  # seconds a role-store ping answers /readyz
+
+
+class StorePing:
+    """The store ping behind /readyz, at most one per READY_PING_TTL: the probe is
+    unauthenticated, and each call must not become a store round trip (second review)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self._lock = asyncio.Lock()
+        self._at = float("-inf")
+        self._problem: str | None = None
+
+    async def problem(self) -> str | None:
+        async with self._lock:  # concurrent probes share one ping
+            now = asyncio.get_running_loop().time()
+            if now - self._at >= READY_PING_TTL:
+                try:
+                    await self._rt.store.ping()
+                    self._problem = None
+                except Exception as exc:  # any failure means "not ready"; the reason is reported
+                    self._problem = f"role store unreachable: {type(exc).__name__}"
+                self._at = asyncio.get_running_loop().time()
+            return self._problem
+
+
+PING = web.AppKey("ping", StorePing)
 
 
 def make_admin_app(
@@ -32,6 +61,7 @@ def make_admin_app(
 ) -> web.Application:
     app = web.Application()
     app[RUNTIME] = runtime
+    app[PING] = StorePing(runtime)
     app[RELOAD] = reload
     app[TOKEN] = token or None
     app[METRICS_TEXT] = metrics_text or (lambda: generate_latest(runtime.metrics.registry))
@@ -61,10 +91,9 @@ async def _readyz(request: web.Request) -> web.Response:
     problems: list[str] = []
     if rt.draining:
         problems.append("draining")
-    try:
-        await rt.store.ping()
-    except Exception as exc:  # any failure means "not ready"; the reason is reported
-        problems.append(f"role store unreachable: {type(exc).__name__}")
+    store_problem = await request.app[PING].problem()
+    if store_problem is not None:
+        problems.append(store_problem)
     if problems:
         return web.json_response({"status": "unavailable", "problems": problems}, status=503)
     return web.json_response({"status": "ready", "routes": len(rt.routes.policy.routes)})
@@ -101,10 +130,14 @@ async def _invalidate(request: web.Request) -> web.Response:
     denied = _authorized(request)
     if denied is not None:
         return denied
+    raw = await read_limited(request)
+    if raw is None:
+        # Never act on a truncated body: 64 KiB of spaces before {"user": "bob"} read as {}
+        # and dropped every user's entries.
+        return web.json_response({"error": "body too large"}, status=413)
     try:
-        raw = await request.content.read(64 * 1024 + 1)
         body = json.loads(raw) if raw.strip() else {}
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays or objects
         return web.json_response({"error": "body must be JSON"}, status=400)
     if not isinstance(body, dict) or not set(body) <= {"user"}:
         return web.json_response({"error": 'expected {"user": "ID"} or {}'}, status=400)
@@ -115,8 +148,20 @@ async def _invalidate(request: web.Request) -> web.Response:
     # A member file edit invalidates everyone it touched, not only the user named.
     scope = None if _reread_member_file(rt) else user
     dropped = rt.cache.invalidate(scope)
-    log.info("cache invalidated: user=%s dropped=%d", scope or "*", dropped)
+    # %r: the id comes from the request body; a newline must not forge a log line.
+    log.info("cache invalidated: user=%r dropped=%d", scope or "*", dropped)
     return web.json_response({"invalidated": scope or "*", "entries": dropped})
+
+
+async def read_limited(request: web.Request, limit: int = MAX_ADMIN_BODY) -> bytes | None:
+    """The whole body, or None when it is longer than `limit` (one read() may return only
+    the bytes that have arrived so far: read until EOF)."""
+    raw = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(raw)):
+        raw += chunk
+        if len(raw) > limit:
+            return None
+    return bytes(raw)
 
 
 def _reread_member_file(rt: Runtime) -> bool:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, ClientWebSocketResponse, HttpVersion11, WSMsgType, hdrs, web
@@ -368,13 +368,41 @@ class _WholeRelayedResponse(_RelayedResponse):
     _send_headers_immediately = False
 
 
-async def _body(
-    request: web.BaseRequest, limit: asyncio.Timeout, timeout: float
-) -> AsyncIterator[bytes]:
-    # Stream the client's body: never request.read() (a 1 GiB upload stays in bounded memory).
-    async for chunk in request.content.iter_chunked(CHUNK):
-        yield chunk
-    limit.reschedule(asyncio.get_running_loop().time() + timeout)
+class BodyStalled(Exception):
+    """The client left its request body idle longer than --body-timeout."""
+
+
+class ClientBody:
+    """The client's request body, streamed (never request.read(): a 1 GiB upload stays in
+    bounded memory), with a deadline on each read (--body-timeout, like nginx's
+    client_body_timeout). Without it a client that starts a body and stops holds an upstream
+    connection for as long as it likes, on a public route without even an identity."""
+
+    __slots__ = ("_idle", "_request", "stalled")
+
+    def __init__(self, request: web.BaseRequest, idle: float) -> None:
+        self._request = request
+        self._idle = idle if idle > 0 else None
+        self.stalled = False
+
+    async def chunks(self, on_end: Callable[[], None] | None = None) -> AsyncIterator[bytes]:
+        content = self._request.content
+        while True:
+            try:
+                async with asyncio.timeout(self._idle):
+                    chunk = await content.read(CHUNK)
+            except TimeoutError:
+                self.stalled = True
+                raise BodyStalled("request body idle longer than --body-timeout") from None
+            if not chunk:
+                break
+            yield chunk
+        if on_end is not None:
+            on_end()
+
+    def failure(self, error: UpstreamError) -> Exception:
+        """What an upstream failure really was: the client's stall, if it stalled."""
+        return BodyStalled(str(error)) if self.stalled else error
 
 
 async def forward_http(
@@ -384,21 +412,27 @@ async def forward_http(
     headers: CIMultiDict[str],
     *,
     upstream_timeout: float,
+    body_timeout: float,
     extra_response_headers: Iterable[tuple[str, str]],
 ) -> tuple[web.StreamResponse, float]:
     """Send upstream and stream the answer back. Returns the response and time-to-headers.
 
-    Raises UpstreamError before anything was sent to the client; after that, failures abort
-    the client connection (the status line is already out).
+    Raises UpstreamError (or BodyStalled) before anything was sent to the client; after that,
+    failures abort the client connection (the status line is already out).
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
+    body = ClientBody(request, body_timeout) if request.body_exists else None
     try:
         # The timeout covers only the wait for response headers: a long download or a
         # Server-Sent Events stream may legitimately last longer, and so may an upload (the
         # clock starts once the body is sent).
-        async with asyncio.timeout(None if request.body_exists else upstream_timeout) as limit:
-            data = _body(request, limit, upstream_timeout) if request.body_exists else None
+        async with asyncio.timeout(None if body else upstream_timeout) as limit:
+            data = (
+                body.chunks(lambda: limit.reschedule(loop.time() + upstream_timeout))
+                if body
+                else None
+            )
             upstream = await session.request(
                 request.method,
                 url,
@@ -409,11 +443,14 @@ async def forward_http(
                 skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
             )
     except TimeoutError:
-        raise UpstreamError("timeout", "upstream did not answer in time") from None
+        error = UpstreamError("timeout", "upstream did not answer in time")
+        raise (body.failure(error) if body else error) from None
     except (ClientConnectorError, ServerDisconnectedError, ClientConnectionError) as exc:
-        raise UpstreamError("connect", f"upstream unavailable: {type(exc).__name__}") from None
+        error = UpstreamError("connect", f"upstream unavailable: {type(exc).__name__}")
+        raise (body.failure(error) if body else error) from None
     except (ClientResponseError, ClientError) as exc:
-        raise UpstreamError("connect", f"upstream error: {type(exc).__name__}") from None
+        error = UpstreamError("connect", f"upstream error: {type(exc).__name__}")
+        raise (body.failure(error) if body else error) from None
     to_headers = loop.time() - started
     try:
         response = _RelayedResponse(status=upstream.status, reason=_reason(upstream.reason))
@@ -461,6 +498,7 @@ async def forward_lean(
     headers: list[tuple[str, str]],
     *,
     upstream_timeout: float,
+    body_timeout: float,
     extra_response_headers: Iterable[tuple[str, str]],
 ) -> tuple[web.StreamResponse, float]:
     """forward_http over the lean pool (proxy/web/upstream.py): same contract, less work.
@@ -470,7 +508,7 @@ async def forward_lean(
     loop = asyncio.get_running_loop()
     started = loop.time()
     method = request.method
-    body = request.content.iter_chunked(CHUNK) if request.body_exists else None
+    body = ClientBody(request, body_timeout) if request.body_exists else None
     # A client body without Content-Length came chunked (its Transfer-Encoding is hop-by-hop
     # and was dropped): re-chunk it for the upstream, streaming.
     chunked = body is not None and not any(name == "Content-Length" for name, _ in headers)
@@ -479,9 +517,12 @@ async def forward_lean(
     except ValueError as exc:
         raise UpstreamError("connect", str(exc)) from None
     try:
-        upstream = await pool.request(method, head, body, chunked=chunked, timeout=upstream_timeout)
+        upstream = await pool.request(
+            method, head, body.chunks() if body else None, chunked=chunked, timeout=upstream_timeout
+        )
     except UpstreamFailure as exc:
-        raise UpstreamError(exc.kind, str(exc)) from None
+        error = UpstreamError(exc.kind, str(exc))
+        raise (body.failure(error) if body else error) from None
     to_headers = loop.time() - started
     reader = upstream.body
     with_body = method != "HEAD" and upstream.status not in (204, 304)

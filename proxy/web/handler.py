@@ -46,6 +46,7 @@ from proxy.settings import Settings
 from proxy.stores.base import StoreError
 from proxy.stores.cache import RoleCache
 from proxy.web.forward import (
+    BodyStalled,
     BrokenUpstream,
     UpstreamError,
     forward_http,
@@ -418,6 +419,7 @@ class ProxyHandler:
                     f"{target.path}?{target.query}" if target.query else target.path,
                     headers,
                     upstream_timeout=rt.settings.upstream_timeout,
+                    body_timeout=rt.settings.body_timeout,
                     extra_response_headers=extra,
                 )
             else:
@@ -432,15 +434,42 @@ class ProxyHandler:
                 session = rt.session
                 assert session is not None, "runtime started without an upstream session"
                 assert isinstance(headers, CIMultiDict)
-                forward = forward_websocket if upgrade else forward_http
-                response, to_headers = await forward(
-                    request,
-                    session,
-                    url,
-                    headers,
-                    upstream_timeout=rt.settings.upstream_timeout,
-                    extra_response_headers=extra,
-                )
+                if upgrade:
+                    response, to_headers = await forward_websocket(
+                        request,
+                        session,
+                        url,
+                        headers,
+                        upstream_timeout=rt.settings.upstream_timeout,
+                        extra_response_headers=extra,
+                    )
+                else:
+                    response, to_headers = await forward_http(
+                        request,
+                        session,
+                        url,
+                        headers,
+                        upstream_timeout=rt.settings.upstream_timeout,
+                        body_timeout=rt.settings.body_timeout,
+                        extra_response_headers=extra,
+                    )
+        except BodyStalled as exc:
+            # The client's fault, not the upstream's: 408, and the connection closes (the rest
+            # of the body was never read). The upstream request was abandoned, never completed.
+            outcome.decision = Decision(
+                Reason.BAD_REQUEST,
+                False,
+                route=decision.route,
+                permission=decision.permission,
+                org=decision.org,
+                project=decision.project,
+                role=decision.role,
+                message=str(exc),
+                status_override=408,
+            )
+            resp = self._reject(outcome, rid)
+            resp.force_close()
+            return resp
         except UpstreamError as exc:
             rt.metrics.upstream_errors.labels(exc.kind).inc()
             reason = (

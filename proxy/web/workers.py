@@ -227,7 +227,11 @@ class Supervisor:
     async def _fan_out(self, request: web.Request) -> web.Response:
         if self.admin_token is None:
             return web.json_response({"error": "admin API disabled"}, status=404)
-        body = await request.content.read(64 * 1024)
+        from proxy.web.admin import read_limited
+
+        body = await read_limited(request)
+        if body is None:  # never fan out a truncated body (the workers would act on it)
+            return web.json_response({"error": "body too large"}, status=413)
         headers = {"Authorization": request.headers.get("Authorization", "")}
         ct = request.headers.get("Content-Type")
         if ct:

@@ -102,8 +102,8 @@ class Recorder:
                     b"Content-Length: %d\r\n\r\n%s" % (len(BODY), BODY)
                 )
                 await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return  # the sender left mid-request: nothing complete was received
         finally:
             writer.close()
 

@@ -8,10 +8,11 @@ import contextlib
 import json
 import resource
 
+import pytest
 from aiohttp import web
 
 from proxy.web.protocol import MAX_FIELD, MAX_HEADERS, MAX_TARGET
-from tests.security.harness import RawReply, Recorder, request, send_raw
+from tests.security.harness import RawReply, Recorder, parse_statuses, request, send_raw
 from tests.web.conftest import Proxy, StartBackend, StartProxy
 
 HEAD_TIMEOUT = 0.5
@@ -142,6 +143,87 @@ async def test_header_timeout_zero_turns_the_deadline_off(
     head = request("/api/org")
     received, _ = await _trickle(proxy.server.proxy_port, head, 0.02, limit=5.0)
     assert received.startswith(b"HTTP/1.1 200 ")
+
+
+# --- stalled bodies -------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["lean", "aiohttp"])
+def client(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("RBAC_PROXY_UPSTREAM_CLIENT", request.param)
+    return str(request.param)
+
+
+BODY_TIMEOUT = 0.5
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "user", "expect"),
+    [
+        # Public: without the deadline anyone could hold a backend connection this way.
+        ("GET", "/healthz", None, []),
+        ("POST", "/api/projects/proj-prod/workflows", "alice", []),
+        ("POST", "/api/projects/proj-prod/workflows", "alice", ["Expect: 100-continue"]),
+    ],
+)
+async def test_a_body_that_stops_is_cut_with_408(
+    client: str,
+    method: str,
+    target: str,
+    user: str | None,
+    expect: list[str],
+    start_proxy: StartProxy,
+    recorder: Recorder,
+) -> None:
+    proxy = await start_proxy(recorder.url, body_timeout=BODY_TIMEOUT)
+    head = request(
+        target, method=method, user=user, headers=["Content-Length: 1000000", *expect]
+    ).removesuffix(b"\r\n\r\n")
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(head + b"\r\n\r\n" + b"x")  # one byte of a million, then nothing
+        started = loop.time()
+        reply = b""
+        async with asyncio.timeout(BODY_TIMEOUT + 5):
+            # The 408 comes at once; aiohttp then reads and drops what is left of the body for
+            # up to 10 s (its lingering close) before it closes: read the answer, not to EOF.
+            while not (b"\r\n\r\n{" in reply and reply.endswith(b"}")):
+                chunk = await reader.read(65536)
+                assert chunk, reply
+                reply += chunk
+        took = loop.time() - started
+    finally:
+        writer.close()
+    statuses = parse_statuses(reply)
+    assert statuses == [408], reply[:300]
+    assert BODY_TIMEOUT * 0.9 <= took < BODY_TIMEOUT + 3
+    assert json.loads(reply.rpartition(b"\r\n\r\n")[2])["error"] == "request_timeout"
+    assert recorder.requests == []  # the backend never saw a complete request
+    assert _count(proxy, 408) == 1
+    # The stalled request did not hold the upstream side: the next one is served at once.
+    follow = await send_raw(proxy.server.proxy_port, request("/api/org"))
+    assert follow.status == 200
+
+
+async def test_a_slow_body_that_keeps_moving_is_not_cut(
+    client: str, start_proxy: StartProxy, recorder: Recorder
+) -> None:
+    """The deadline is per read, not for the whole body: 8 pieces over ~4 body timeouts."""
+    proxy = await start_proxy(recorder.url, body_timeout=BODY_TIMEOUT)
+    body = b"0123456789abcdef"
+    head = request("/api/projects/proj-prod/workflows", method="POST", body=body).removesuffix(body)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(head)
+        for i in range(0, len(body), 2):
+            await asyncio.sleep(BODY_TIMEOUT / 2)
+            writer.write(body[i : i + 2])
+        reply = await asyncio.wait_for(reader.read(-1), 5)
+    finally:
+        writer.close()
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert [r.body for r in recorder.requests] == [body]
 
 
 # --- oversized heads --------------------------------------------------------------------------

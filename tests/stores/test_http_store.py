@@ -103,9 +103,38 @@ async def test_projects_key_may_be_missing_or_null(service: FakeService, store: 
     )
     assert await store.memberships("bob") == (Membership("acme", "x", "developer"),)
     service.answer(
-        body={"memberships": [{"org": "acme", "plan": "x", "role": "admin", "projects": None}]}
+        body={
+            "user": "bob",
+            "memberships": [{"org": "acme", "plan": "x", "role": "admin", "projects": None}],
+        }
     )
     assert await store.memberships("bob") == (Membership("acme", "x", "admin"),)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"memberships": [{"org": "acme", "plan": "x", "role": "admin"}]},
+        {"user": None, "memberships": []},
+        {"user": "x/../../admin", "memberships": [{"org": "acme", "plan": "x", "role": "admin"}]},
+    ],
+)
+async def test_an_answer_that_does_not_name_its_user_is_a_store_error(
+    service: FakeService, store: HttpStore, body: dict[str, object]
+) -> None:
+    """A front proxy that decodes %2F and resolves `..` could route /members/x%2F..%2Fadmin
+    to another user's answer: only an answer naming the user asked about counts."""
+    service.answer(body=body)
+    with pytest.raises(StoreError, match="does not name the user"):
+        await store.memberships("x/../../bob")
+
+
+async def test_an_answer_that_does_not_name_its_project_is_a_store_error(
+    service: FakeService, store: HttpStore
+) -> None:
+    service.answer(body={"org": "acme"})
+    with pytest.raises(StoreError, match="does not name the project"):
+        await store.project_org("proj-prod")
 
 
 async def test_not_found_means_no_membership_and_unknown_project(
@@ -126,8 +155,6 @@ async def test_empty_memberships_list_is_no_membership(
 
 async def test_project_org(service: FakeService, store: HttpStore) -> None:
     service.answer(body={"project": "proj-staging", "org": "acme"})
-    assert await store.project_org("proj-staging") == "acme"
-    service.answer(body={"org": "acme"})  # "project" is optional, checked when present
     assert await store.project_org("proj-staging") == "acme"
 
 
@@ -272,10 +299,10 @@ async def test_an_answer_about_someone_else_is_a_store_error(
     service: FakeService, store: HttpStore
 ) -> None:
     service.answer(body={**CAROL, "user": "alice"})
-    with pytest.raises(StoreError, match="different user"):
+    with pytest.raises(StoreError, match="does not name the user"):
         await store.memberships("carol")
     service.answer(body={"project": "proj-prod", "org": "acme"})
-    with pytest.raises(StoreError, match="different project"):
+    with pytest.raises(StoreError, match="does not name the project"):
         await store.project_org("proj-staging")
 
 
