@@ -118,15 +118,28 @@ class HeaderPolicy:
 _NO_NAMES: frozenset[str] = frozenset()
 
 
-@functools.lru_cache(maxsize=256)
-def connection_names(values: tuple[str, ...]) -> frozenset[str]:
-    """The header names a Connection header lists (RFC 9110 §7.6.1), normalized.
+# Only short Connection values are cached: a client may send ~128 header lines of 8 KiB,
+# and a cache of such keys (and their token sets) held gigabytes for 256 hostile requests.
+_CACHED_CONNECTION = 64
 
-    Cached: a peer sends the same few values ("keep-alive") on every message.
-    """
+
+def _connection_names(values: tuple[str, ...]) -> frozenset[str]:
     return frozenset(
         normalize(token.strip()) for value in values for token in value.split(",") if token.strip()
     )
+
+
+_cached_connection_names = functools.lru_cache(maxsize=256)(_connection_names)
+
+
+def connection_names(values: tuple[str, ...]) -> frozenset[str]:
+    """The header names a Connection header lists (RFC 9110 §7.6.1), normalized.
+
+    Cached when short: a peer sends the same few values ("keep-alive") on every message.
+    """
+    if len(values) == 1 and len(values[0]) <= _CACHED_CONNECTION:
+        return _cached_connection_names(values)
+    return _connection_names(values)
 
 
 def upstream_fields(

@@ -186,6 +186,8 @@ class ProxyHandler:
                 resp.force_close()  # aiohttp then says Connection: close, and means it
                 return resp
             if memo is not None:
+                for negative in memo.lookups:
+                    rt.cache.count_fresh_hit(negative)  # as if the cache had been asked
                 outcome = _Outcome(memo.decision, memo.identity)
                 rt.metrics.observe_decision(time.perf_counter() - started)
             elif target.segments == ("_rbac", "me"):
@@ -268,9 +270,7 @@ class ProxyHandler:
             or (memo.until != _FOREVER and cache.now() >= memo.until)
         ):
             return None
-        for negative in memo.lookups:
-            cache.count_fresh_hit(negative)  # the metrics as if the cache had been asked
-        return memo
+        return memo  # its cache hits are reported once the request is decided from it
 
     def _remember(
         self,
