@@ -306,15 +306,16 @@ def _whole_answer(
 
     Only for the common case, where aiohttp's own header step (StreamResponse._prepare_headers)
     adds and removes nothing: an HTTP/1.1 keep-alive request, a body framed by one exact
-    Content-Length, Date and Server from the upstream, ASCII only. Everything else (and any
-    control character, which aiohttp refuses) returns None and takes the StreamResponse path.
+    Content-Length, Date from the upstream (a missing Server stays missing), ASCII only.
+    Everything else (and any control character, which aiohttp refuses) returns None and takes
+    the StreamResponse path.
     """
     if not reason or request.version != HttpVersion11 or not request.keep_alive:
         return None
     lengths = headers.getall(hdrs.CONTENT_LENGTH, ())
     if len(lengths) != 1 or lengths[0] != str(len(body)):
         return None
-    if hdrs.DATE not in headers or hdrs.SERVER not in headers:
+    if hdrs.DATE not in headers:
         return None
     # `response.headers[name] = value` semantics: replaces the first header of that name in
     # place (drops any further ones), else appends.
@@ -360,7 +361,7 @@ class _SentResponse(web.StreamResponse):
 
 
 class _RelayedResponse(web.StreamResponse):
-    """A StreamResponse that adds no Content-Type the upstream did not send.
+    """A StreamResponse that adds no Content-Type or Server the upstream did not send.
 
     aiohttp defaults a body without Content-Type to application/octet-stream. RFC 9110 §8.3
     leaves a missing type to the recipient (a browser sniffs it; octet-stream would force a
@@ -370,9 +371,14 @@ class _RelayedResponse(web.StreamResponse):
 
     async def _prepare_headers(self) -> None:
         typed = hdrs.CONTENT_TYPE in self.headers
+        served = hdrs.SERVER in self.headers
         await super()._prepare_headers()
         if not typed:
             self.headers.popall(hdrs.CONTENT_TYPE, None)
+        if not served:
+            # aiohttp would add "Server: Python/3.x aiohttp/3.y": the backend never said that,
+            # and exact versions only help someone looking for a known CVE.
+            self.headers.popall(hdrs.SERVER, None)
 
 
 class _WholeRelayedResponse(_RelayedResponse):

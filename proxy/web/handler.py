@@ -66,6 +66,9 @@ STORE_RETRY_AFTER = "5"
 _JSON = "application/json"
 _NO_COOKIES: Mapping[str, str] = MappingProxyType({})
 _ALLOW_ANY = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+# The proxy's own answers name it without a version (aiohttp's default names Python and
+# aiohttp with exact versions: a gift to anyone matching known CVEs).
+SERVER = "rbac-proxy"
 # RFC 9112 §3.2: Host is uri-host [":" port] (RFC 3986 §3.2.2); anything else is a 400. It is
 # forwarded, and backends build absolute URLs from it (reset links, redirects, cache keys).
 _HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
@@ -514,6 +517,7 @@ class ProxyHandler:
         body["request_id"] = rid
         resp = web.Response(status=status, text=json.dumps(body), content_type=_JSON)
         resp.headers[self.rt.settings.request_id_header] = rid
+        resp.headers["Server"] = SERVER
         if status == 401:
             resp.headers["WWW-Authenticate"] = self._challenge(decision)
         elif decision.reason is Reason.STORE_UNAVAILABLE:
@@ -600,6 +604,7 @@ class ProxyHandler:
         body["orgs"] = [m.org for m in memberships]
         resp = web.Response(text=json.dumps(body), content_type=_JSON)
         resp.headers[hdr] = rid
+        resp.headers["Server"] = SERVER
         resp.headers["Cache-Control"] = "no-store"
         return resp
 
@@ -730,4 +735,5 @@ def _json_error(status: int, reason: str, rid: str, rid_header: str, message: st
     }
     resp = web.Response(status=status, text=json.dumps(body), content_type=_JSON)
     resp.headers[rid_header] = rid
+    resp.headers["Server"] = SERVER
     return resp

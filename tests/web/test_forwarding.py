@@ -750,6 +750,39 @@ CANNED = {
 }
 
 
+async def test_no_server_banner_the_upstream_did_not_send(start_proxy: StartProxy) -> None:
+    """aiohttp would stamp "Server: Python/3.x aiohttp/3.y" on relayed answers (the backend
+    never said so) and on the proxy's own ones: exact versions help anyone matching CVEs."""
+    replies = {
+        "none": "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        "none-chunked": (
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        ),
+        "upstream": "HTTP/1.1 200 OK\r\nServer: up/1\r\nContent-Length: 2\r\n\r\nok",
+    }
+    seen: dict[str, list[str]] = {}
+    for name, reply in replies.items():
+        server, port = await _canned_upstream(reply.encode())
+        try:
+            proxy = await start_proxy(f"http://127.0.0.1:{port}")
+            async with ClientSession() as session:
+                async with session.get(proxy.url + f"{P}/workflows", headers=BOB) as resp:
+                    assert resp.status == 200
+                    seen[name] = resp.headers.getall("Server", [])
+                async with session.get(proxy.url + "/api/org/billing", headers=BOB) as resp:
+                    assert resp.status == 403
+                    seen["own-403"] = resp.headers.getall("Server", [])
+        finally:
+            server.close()
+            await server.wait_closed()
+    assert seen == {
+        "none": [],
+        "none-chunked": [],
+        "upstream": ["up/1"],
+        "own-403": ["rbac-proxy"],
+    }
+
+
 async def _canned_upstream(reply: bytes) -> tuple[asyncio.Server, int]:
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
@@ -823,6 +856,11 @@ async def test_the_one_write_relay_sends_what_aiohttp_would_send(
         await server.wait_closed()
     assert fast == slow
     assert [reply.count(b"HTTP/1.") for reply in fast] == [3, 1]
-    expected = name in ("nginx-like", "echoes-our-request-id-twice", "connection-names-a-header")
+    expected = name in (
+        "nginx-like",
+        "echoes-our-request-id-twice",
+        "connection-names-a-header",
+        "no-content-type-no-server",  # neither path adds a Server the upstream left out
+    )
     assert used[0] is expected
     assert not any(used[1:])
