@@ -48,6 +48,7 @@ class Settings:
     shutdown_timeout: float = 15.0
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    send_timeout: float = 60.0
     audit: Literal["all", "deny", "off"] = "all"
     inject_user_header: str = "X-Auth-User"
     inject_org_header: str = "X-Auth-Org"
@@ -93,6 +94,7 @@ _HELP: Mapping[str, str] = {
     "connect_timeout": "seconds to connect to the upstream",
     "upstream_timeout": "seconds until the upstream's response headers (after the request body)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
+    "send_timeout": "seconds a response write may wait for a client that stopped reading (0: off)",
     "body_timeout": "seconds a request body may stay idle between two reads (0: off)",
     "header_timeout": "seconds a client gets to send a whole request head once it started (0: off)",
     "audit": "audit log lines on stdout: all | deny | off",

@@ -423,6 +423,7 @@ class ProxyHandler:
                     headers,
                     upstream_timeout=rt.settings.upstream_timeout,
                     body_timeout=rt.settings.body_timeout,
+                    send_timeout=rt.settings.send_timeout,
                     extra_response_headers=extra,
                 )
             else:
@@ -454,6 +455,7 @@ class ProxyHandler:
                         headers,
                         upstream_timeout=rt.settings.upstream_timeout,
                         body_timeout=rt.settings.body_timeout,
+                        send_timeout=rt.settings.send_timeout,
                         extra_response_headers=extra,
                     )
         except BodyStalled as exc:

@@ -134,6 +134,11 @@ class GuardedRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):
+            # The client left mid-response, or the proxy cut it (--send-timeout): nothing can
+            # be sent and it is no server error (the handler counted and audited it). aiohttp
+            # itself treats a ConnectionError from here as a premature disconnection.
+            raise ConnectionError("client connection closed") from exc
         if not isinstance(exc, HttpProcessingError):
             return super().handle_error(request, status, exc, message)
         code, what = classify(exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import resource
 
 import pytest
@@ -373,3 +374,63 @@ async def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_response(
         assert sent > stalled_at
     finally:
         writer.close()
+
+
+@pytest.mark.parametrize("upstream_client", ["lean", "aiohttp"])
+async def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
+    upstream_client: str,
+    start_backend: StartBackend,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """--send-timeout: a write that waits longer for the client ends the exchange, and the
+    upstream connection is dropped with it (it stops sending), as for a client that left."""
+    monkeypatch.setenv("RBAC_PROXY_UPSTREAM_CLIENT", upstream_client)
+    sent = 0
+    upstream_done = asyncio.Event()
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = 256 * 1024 * 1024
+        await resp.prepare(request)
+        try:
+            with contextlib.suppress(ConnectionError):
+                while sent < 256 * 1024 * 1024:
+                    await resp.write(b"x" * 65536)
+                    sent += 65536
+        finally:
+            upstream_done.set()
+        return resp
+
+    async def small(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_get("/api/projects/{p}/workflows", huge)
+    app.router.add_get("/api/org", small)
+    backend = await start_backend(app)
+    proxy = await start_proxy(backend.url, send_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(request("/api/projects/proj-prod/workflows"))
+        await writer.drain()
+        started = loop.time()
+        async with asyncio.timeout(10):
+            await upstream_done.wait()  # the proxy dropped the upstream side
+        took = loop.time() - started
+        assert sent < 64 * 1024 * 1024
+        assert took < 5
+        # The client connection is closed too: after the buffered bytes, EOF.
+        async with asyncio.timeout(10):
+            while await reader.read(1 << 20):
+                pass
+    finally:
+        writer.close()
+    other = await send_raw(proxy.server.proxy_port, request("/api/org"))
+    assert other.status == 200
+    lines = [json.loads(line) for line in proxy.audit_lines()]
+    assert lines[0]["status"] == 499  # audited like a client that left
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback
