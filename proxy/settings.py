@@ -94,7 +94,7 @@ _HELP: Mapping[str, str] = {
     "connect_timeout": "seconds to connect to the upstream",
     "upstream_timeout": "seconds until the upstream's response headers (after the request body)",
     "shutdown_timeout": "seconds in-flight requests get to finish on SIGTERM",
-    "send_timeout": "seconds a response write may wait for a client that stopped reading (0: off)",
+    "send_timeout": "seconds writes may stay blocked on a client that stopped reading (0: off)",
     "body_timeout": "seconds a request body may stay idle between two reads (0: off)",
     "header_timeout": "seconds a client gets to send a whole request head once it started (0: off)",
     "audit": "audit log lines on stdout: all | deny | off",

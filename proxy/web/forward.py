@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 
 from aiohttp import ClientSession, ClientWebSocketResponse, HttpVersion11, WSMsgType, hdrs, web
@@ -391,22 +391,6 @@ class BodyStalled(Exception):
     """The client left its request body idle longer than --body-timeout."""
 
 
-async def _to_client(request: web.BaseRequest, write: Awaitable[None], timeout: float) -> None:
-    """One write of the response, waiting at most `timeout` (--send-timeout, like nginx's
-    send_timeout) for a client that stopped reading: flow control keeps its memory bounded,
-    this keeps it from holding the connection and an upstream connection for ever."""
-    try:
-        async with asyncio.timeout(timeout or None):
-            await write
-    except TimeoutError:
-        if request.transport is not None:
-            request.transport.close()
-        # Handled like a client that left: the upstream request is dropped, audited as 499.
-        raise ConnectionResetError(
-            "client did not read the response within --send-timeout"
-        ) from None
-
-
 class ClientBody:
     """The client's request body, streamed (never request.read(): a 1 GiB upload stays in
     bounded memory), with a deadline on each read (--body-timeout, like nginx's
@@ -448,7 +432,6 @@ async def forward_http(
     *,
     upstream_timeout: float,
     body_timeout: float,
-    send_timeout: float,
     extra_response_headers: Iterable[tuple[str, str]],
 ) -> tuple[web.StreamResponse, float]:
     """Send upstream and stream the answer back. Returns the response and time-to-headers.
@@ -508,8 +491,8 @@ async def forward_http(
         await response.prepare(request)
         if request.method != "HEAD" and upstream.status not in (204, 304):
             async for chunk in upstream.content.iter_any():
-                await _to_client(request, response.write(chunk), send_timeout)
-        await _to_client(request, response.write_eof(), send_timeout)
+                await response.write(chunk)
+        await response.write_eof()
     except ConnectionError:
         # First: a write to a client that left raises ClientConnectionResetError, which is a
         # ClientError too and was miscounted as a broken upstream.
@@ -535,7 +518,6 @@ async def forward_lean(
     *,
     upstream_timeout: float,
     body_timeout: float,
-    send_timeout: float,
     extra_response_headers: Iterable[tuple[str, str]],
 ) -> tuple[web.StreamResponse, float]:
     """forward_http over the lean pool (proxy/web/upstream.py): same contract, less work.
@@ -583,7 +565,7 @@ async def forward_lean(
         )
         if answer is not None:
             # The common small answer: head and body in one write, no StreamResponse work.
-            await _to_client(request, request.writer.write_eof(answer), send_timeout)
+            await request.writer.write_eof(answer)
             clean = True
             return _SentResponse(status=upstream.status, reason=upstream.reason), to_headers
         response = (_WholeRelayedResponse if whole else _RelayedResponse)(
@@ -600,11 +582,11 @@ async def forward_lean(
             response.enable_chunked_encoding()
         await response.prepare(request)
         if whole:
-            await _to_client(request, response.write_eof(data), send_timeout)
+            await response.write_eof(data)
         else:
             while chunk := await reader.readany():
-                await _to_client(request, response.write(chunk), send_timeout)
-            await _to_client(request, response.write_eof(), send_timeout)
+                await response.write(chunk)
+            await response.write_eof()
         clean = True
     except BodyBroken as exc:
         # As in forward_http: the status line is out, so cut the client connection.

@@ -423,7 +423,6 @@ class ProxyHandler:
                     headers,
                     upstream_timeout=rt.settings.upstream_timeout,
                     body_timeout=rt.settings.body_timeout,
-                    send_timeout=rt.settings.send_timeout,
                     extra_response_headers=extra,
                 )
             else:
@@ -455,7 +454,6 @@ class ProxyHandler:
                         headers,
                         upstream_timeout=rt.settings.upstream_timeout,
                         body_timeout=rt.settings.body_timeout,
-                        send_timeout=rt.settings.send_timeout,
                         extra_response_headers=extra,
                     )
         except BodyStalled as exc:

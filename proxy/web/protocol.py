@@ -36,6 +36,7 @@ class Limits:
     """What one client connection may cost before it sent a whole request head."""
 
     header_timeout: float  # seconds from the first byte of a head to its end; 0: no deadline
+    send_timeout: float = 0.0  # seconds the answer may stay blocked on a non-reading client
 
 
 # Called for each request the parser refused: (status, what was wrong, peer address).
@@ -83,13 +84,14 @@ class GuardedRequestHandler(RequestHandler):
     still being answered are bounded by that timer too, not by this deadline.
     """
 
-    __slots__ = ("_head_deadline", "_limits", "_on_malformed")
+    __slots__ = ("_head_deadline", "_limits", "_on_malformed", "_send_deadline")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._limits = manager.limits
         self._on_malformed = manager.on_malformed
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._send_deadline: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
         # Private aiohttp state, read only: `_waiter` is pending exactly while start() waits
@@ -108,7 +110,44 @@ class GuardedRequestHandler(RequestHandler):
         if self._head_deadline is not None:
             self._head_deadline.cancel()
             self._head_deadline = None
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
         super().connection_lost(exc)
+
+    # --send-timeout (like nginx's send_timeout). The transport pauses writing when the
+    # client stopped reading and its socket and buffer are full; from then on every write of
+    # the answer waits. Flow control keeps memory bounded, but the connection and its
+    # upstream request would be held for as long as the client stays connected. A deadline
+    # armed only while paused costs nothing on the common path (no timer per write) and
+    # covers every answer: relayed, the proxy's own, WebSocket frames.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._limits.send_timeout > 0 and self._send_deadline is None:
+            self._send_deadline = self._loop.call_later(
+                self._limits.send_timeout, self._send_timed_out
+            )
+
+    def resume_writing(self) -> None:
+        if self._send_deadline is not None:
+            self._send_deadline.cancel()
+            self._send_deadline = None
+        super().resume_writing()
+
+    def _send_timed_out(self) -> None:
+        self._send_deadline = None
+        if self.transport is None:
+            return
+        log.debug("client read nothing for %ss: closing", self._limits.send_timeout)
+        # The waiting write fails like a write to a client that left (the handler drops the
+        # upstream request and audits 499); abort drops the unsent bytes at once.
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            self._drain_waiter = None
+            waiter.set_exception(
+                ConnectionResetError("client did not read the response within --send-timeout")
+            )
+        self.transport.abort()
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None

@@ -288,7 +288,9 @@ async def start(
     handler = ProxyHandler(rt)
     proxy_server = GuardedServer(
         handler,
-        limits=Limits(header_timeout=settings.header_timeout),
+        limits=Limits(
+            header_timeout=settings.header_timeout, send_timeout=settings.send_timeout
+        ),
         on_malformed=handler.malformed,
         handler_cancellation=True,
         access_log=None,

@@ -434,3 +434,56 @@ async def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
     lines = [json.loads(line) for line in proxy.audit_lines()]
     assert lines[0]["status"] == 499  # audited like a client that left
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback
+
+
+@pytest.mark.parametrize("upstream_client", ["lean", "aiohttp"])
+async def test_a_slow_reader_that_keeps_reading_outlives_the_send_timeout(
+    upstream_client: str,
+    start_backend: StartBackend,
+    start_proxy: StartProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The --send-timeout clock runs only while writes are blocked and restarts whenever the
+    client drains some: a client reading 2 MiB every 0.2 s gets a 32 MiB answer in full,
+    although it takes several times the timeout and the proxy's writes block between reads
+    (the buffers hold about 11 MiB, see the test above)."""
+    monkeypatch.setenv("RBAC_PROXY_UPSTREAM_CLIENT", upstream_client)
+    total = 32 * 1024 * 1024
+
+    async def big(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        resp.content_length = total
+        await resp.prepare(request)
+        for _ in range(total // 65536):
+            await resp.write(b"y" * 65536)
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/api/projects/{p}/workflows", big)
+    backend = await start_backend(app)
+    proxy = await start_proxy(backend.url, send_timeout=0.5)
+    loop = asyncio.get_running_loop()
+    # limit: the client's own buffer (up to 2 MiB) holds what one read takes off the socket.
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.server.proxy_port, limit=1024 * 1024
+    )
+    try:
+        writer.write(request("/api/projects/proj-prod/workflows"))
+        await writer.drain()
+        started = loop.time()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        got = 0
+        async with asyncio.timeout(60):
+            while got < total:
+                await asyncio.sleep(0.2)
+                chunk = await reader.read(2 * 1024 * 1024)
+                assert chunk, f"connection closed after {got} of {total} bytes"
+                got += len(chunk)
+        took = loop.time() - started
+    finally:
+        writer.close()
+    assert got == total
+    assert took > 3 * 0.5
+    lines = [json.loads(line) for line in proxy.audit_lines()]
+    assert lines[0]["status"] == 200
