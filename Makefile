@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q
 
-## Benchmarks (about 10 minutes): decision core, throughput/latency vs nginx and an aiohttp
+## Benchmarks (about 6 minutes): decision core, throughput/latency vs nginx and an aiohttp
 ## pass-through, memory. Installs nginx and wrk when missing; appends to docs/benchmarks.md.
 bench: $(STAMP)
 	$(BIN)/python bench/bench_decide.py
