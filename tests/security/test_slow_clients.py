@@ -487,3 +487,62 @@ async def test_a_slow_reader_that_keeps_reading_outlives_the_send_timeout(
     assert took > 3 * 0.5
     lines = [json.loads(line) for line in proxy.audit_lines()]
     assert lines[0]["status"] == 200
+
+
+async def test_a_websocket_client_that_never_reads_is_cut_after_the_send_timeout(
+    start_backend: StartBackend, start_proxy: StartProxy
+) -> None:
+    """--send-timeout covers WebSocket frames too: a client that upgrades and then reads
+    nothing while the backend pushes is cut, and the backend's WebSocket is closed with it."""
+    sent = 0
+    backend_done = asyncio.Event()
+
+    async def live(request: web.Request) -> web.WebSocketResponse:
+        nonlocal sent
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        # Reading alongside the pushes: the proxy's close frame ends the loop (ws.closed).
+        closing = asyncio.create_task(ws.receive())
+        try:
+            with contextlib.suppress(ConnectionError):
+                while sent < 256 * 1024 * 1024 and not ws.closed:
+                    await ws.send_bytes(b"z" * 65536)
+                    sent += 65536
+        finally:
+            closing.cancel()
+            backend_done.set()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/projects/{p}/task-history/live", live)
+    backend = await start_backend(app)
+    proxy = await start_proxy(backend.url, send_timeout=0.5)
+    handshake = request(
+        "/api/projects/proj-prod/task-history/live",
+        user="bob",
+        headers=[
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+        ],
+        close=False,
+    )
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    try:
+        writer.write(handshake)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        started = loop.time()
+        async with asyncio.timeout(10):
+            await backend_done.wait()  # the proxy closed the backend's WebSocket
+        took = loop.time() - started
+        assert sent < 64 * 1024 * 1024
+        assert took < 5
+        async with asyncio.timeout(10):  # and the client's connection: EOF after the buffers
+            while await reader.read(1 << 20):
+                pass
+    finally:
+        writer.close()
