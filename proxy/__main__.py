@@ -206,6 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"rbac-proxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(settings.log_level)
+    raise_open_files_limit()
     token = os.environ.get("RBAC_PROXY_ADMIN_TOKEN")
     if settings.workers > 1 and "RBAC_PROXY_WORKER_ID" not in os.environ:
         from proxy.web.workers import run_supervisor
@@ -254,6 +255,32 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
             raise SystemExit("rbac-proxy: --loop uvloop but uvloop is not installed") from None
         return None
     return uvloop.new_event_loop
+
+
+# Linux's default ceiling for one process (fs.nr_open): the soft limit may not exceed it, so an
+# unlimited hard limit is met with this instead.
+_NR_OPEN = 1_048_576
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft open-files limit to the hard one, as nginx (worker_rlimit_nofile) and Go
+    programs do. Each client connection costs a descriptor and so does its upstream one: a
+    container's usual soft limit of 1,024 would cap the proxy near 500 concurrent clients,
+    far below what it serves. Workers inherit the raised limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = _NR_OPEN if hard == resource.RLIM_INFINITY else hard
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logging.getLogger("rbac_proxy").warning(
+            "open files limit stays at %d (could not raise it to %d: %s)", soft, target, exc
+        )
+        return
+    logging.getLogger("rbac_proxy").info("open files limit raised from %d to %d", soft, target)
 
 
 def _setup_logging(level: str) -> None:

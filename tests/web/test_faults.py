@@ -7,10 +7,11 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -490,10 +491,15 @@ class ServeProcess:
         return self.stderr_path.read_text()
 
 
-@pytest.fixture
-async def serve_process(
-    backend: Backend, routes_file: Path, tmp_path: Path
-) -> AsyncIterator[ServeProcess]:
+async def start_serve(
+    backend: Backend,
+    routes_file: Path,
+    tmp_path: Path,
+    *,
+    extra: Sequence[str] = (),
+    preexec_fn: Callable[[], None] | None = None,
+) -> ServeProcess:
+    """`python -m proxy serve` in front of `backend`, ready (its /readyz answered 200)."""
     port, admin_port = free_port(), free_port()
     stderr_path = tmp_path / "stderr.log"
     with open(tmp_path / "stdout.log", "wb") as out, open(stderr_path, "wb") as err:
@@ -516,19 +522,34 @@ async def serve_process(
             "0",  # only SIGHUP reloads
             "--shutdown-timeout",
             str(WAIT),
+            *extra,
             cwd=ROOT,
             env=_clean_env(),
             stdout=out,
             stderr=err,
+            preexec_fn=preexec_fn,
         )
     running = ServeProcess(proc, port, admin_port, stderr_path)
     try:
         await _wait_ready(running)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return running
+
+
+@pytest.fixture
+async def serve_process(
+    backend: Backend, routes_file: Path, tmp_path: Path
+) -> AsyncIterator[ServeProcess]:
+    running = await start_serve(backend, routes_file, tmp_path)
+    try:
         yield running
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
+        if running.proc.returncode is None:
+            running.proc.kill()
+            await running.proc.wait()
 
 
 async def _wait_ready(running: ServeProcess) -> None:
@@ -604,3 +625,29 @@ async def test_malformed_request_logs_no_header_text(
     writer.close()
     assert b" 400 " in head.split(b"\r\n", 1)[0]  # aiohttp's parser refuses it
     assert "SECRET-TOKEN" not in caplog.text
+
+
+async def test_serve_lifts_the_open_files_limit_to_the_hard_limit(
+    backend: Backend, routes_file: Path, tmp_path: Path
+) -> None:
+    """A container's soft limit of 1,024 descriptors would cap the proxy near 500 concurrent
+    clients (each needs an upstream descriptor too): serve raises it to the hard limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard > 512, f"hard limit {hard} too low to test"
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    running = await start_serve(
+        backend, routes_file, tmp_path, extra=("--log-level", "info"), preexec_fn=low_soft_limit
+    )
+    try:
+        limits = Path(f"/proc/{running.proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        soft_now = row.split()[3]
+        expected = "1048576" if hard == resource.RLIM_INFINITY else str(hard)
+        assert soft_now == expected, row
+        assert f"open files limit raised from 256 to {expected}" in running.stderr()
+    finally:
+        running.proc.kill()
+        await running.proc.wait()
