@@ -493,9 +493,10 @@ async def forward_http(
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
         await response.write_eof()
-    except ConnectionError:
+    except (ConnectionError, asyncio.CancelledError):
         # First: a write to a client that left raises ClientConnectionResetError, which is a
-        # ClientError too and was miscounted as a broken upstream.
+        # ClientError too and was miscounted as a broken upstream. A cancelled handler (the
+        # client left while the proxy waited) must not hand a half-read answer back either.
         upstream.close()  # the client left: drop the upstream request too
         raise
     except (ClientError, asyncio.IncompleteReadError) as exc:

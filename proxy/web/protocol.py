@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -84,7 +84,7 @@ class GuardedRequestHandler(RequestHandler):
     still being answered are bounded by that timer too, not by this deadline.
     """
 
-    __slots__ = ("_head_deadline", "_limits", "_on_malformed", "_send_deadline")
+    __slots__ = ("_head_deadline", "_limits", "_on_malformed", "_send_deadline", "_socket")
 
     def __init__(self, manager: GuardedServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -92,6 +92,19 @@ class GuardedRequestHandler(RequestHandler):
         self._on_malformed = manager.on_malformed
         self._head_deadline: asyncio.TimerHandle | None = None
         self._send_deadline: asyncio.TimerHandle | None = None
+        self._socket: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        # aiohttp's force_close() forgets self.transport while unsent bytes may still wait
+        # in it (an answer before a 408, a keep-alive expiry): --send-timeout needs this one.
+        # (uvloop's transports are not asyncio.Transport subclasses; aiohttp casts too.)
+        self._socket = cast(asyncio.Transport, transport)
+        if self._limits.send_timeout > 0:
+            # Pause (and arm the deadline) as soon as one byte cannot go to the socket. With
+            # the default 64 KiB high-water mark the tail of an answer, or a whole small one,
+            # could wait forever behind a full socket without ever pausing.
+            self._socket.set_write_buffer_limits(high=0)
 
     def data_received(self, data: bytes) -> None:
         # Private aiohttp state, read only: `_waiter` is pending exactly while start() waits
@@ -113,14 +126,16 @@ class GuardedRequestHandler(RequestHandler):
         if self._send_deadline is not None:
             self._send_deadline.cancel()
             self._send_deadline = None
+        self._socket = None
         super().connection_lost(exc)
 
-    # --send-timeout (like nginx's send_timeout). The transport pauses writing when the
-    # client stopped reading and its socket and buffer are full; from then on every write of
-    # the answer waits. Flow control keeps memory bounded, but the connection and its
-    # upstream request would be held for as long as the client stays connected. A deadline
-    # armed only while paused costs nothing on the common path (no timer per write) and
-    # covers every answer: relayed, the proxy's own, WebSocket frames.
+    # --send-timeout (like nginx's send_timeout). The transport pauses writing when bytes are
+    # left that the client's full socket cannot take (high-water mark 0, see connection_made);
+    # from then on every write of the answer waits. Flow control keeps memory bounded, but the
+    # connection and its upstream request would be held for as long as the client stays
+    # connected. A deadline armed only while paused costs nothing on the common path (no
+    # timer per write) and covers every byte: relayed answers, the proxy's own, WebSocket
+    # frames, the tail of an answer whose handler has already returned.
     def pause_writing(self) -> None:
         super().pause_writing()
         if self._limits.send_timeout > 0 and self._send_deadline is None:
@@ -136,7 +151,7 @@ class GuardedRequestHandler(RequestHandler):
 
     def _send_timed_out(self) -> None:
         self._send_deadline = None
-        if self.transport is None:
+        if self._socket is None:
             return
         log.debug("client read nothing for %ss: closing", self._limits.send_timeout)
         # The waiting write fails like a write to a client that left (the handler drops the
@@ -147,7 +162,7 @@ class GuardedRequestHandler(RequestHandler):
             waiter.set_exception(
                 ConnectionResetError("client did not read the response within --send-timeout")
             )
-        self.transport.abort()
+        self._socket.abort()
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None

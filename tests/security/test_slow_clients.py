@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import resource
+import socket
 
 import pytest
 from aiohttp import web
@@ -324,6 +325,7 @@ async def test_thousands_of_idle_connections_do_not_stop_new_requests(
 # --- a client that never reads ----------------------------------------------------------------
 
 
+@pytest.mark.both_loops
 async def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_response(
     start_backend: StartBackend, start_proxy: StartProxy
 ) -> None:
@@ -376,6 +378,7 @@ async def test_a_client_that_never_reads_holds_a_bounded_amount_of_the_response(
         writer.close()
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize("upstream_client", ["lean", "aiohttp"])
 async def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
     upstream_client: str,
@@ -436,6 +439,7 @@ async def test_a_client_that_never_reads_is_cut_after_the_send_timeout(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # no traceback
 
 
+@pytest.mark.both_loops
 @pytest.mark.parametrize("upstream_client", ["lean", "aiohttp"])
 async def test_a_slow_reader_that_keeps_reading_outlives_the_send_timeout(
     upstream_client: str,
@@ -489,6 +493,7 @@ async def test_a_slow_reader_that_keeps_reading_outlives_the_send_timeout(
     assert lines[0]["status"] == 200
 
 
+@pytest.mark.both_loops
 async def test_a_websocket_client_that_never_reads_is_cut_after_the_send_timeout(
     start_backend: StartBackend, start_proxy: StartProxy
 ) -> None:
@@ -546,3 +551,103 @@ async def test_a_websocket_client_that_never_reads_is_cut_after_the_send_timeout
                 pass
     finally:
         writer.close()
+
+
+# The last bytes of an answer: what the client's full socket cannot take once the handler has
+# written everything. The kernel takes a fixed amount per connection (about 2.2 MB here for a
+# 2 KiB receive buffer), so answers of many sizes around it leave every remainder from a few
+# bytes up to well past 64 KiB (the transport's default high-water mark) in the proxy.
+_SIZED = "/api/projects/proj-prod/workflows"
+_TAIL_SIZES = [1_600_000 + i * 20_000 for i in range(60)]  # 1.6 MB .. 2.78 MB
+
+
+@pytest.mark.both_loops
+@pytest.mark.parametrize("ending", ["close", "keep-alive then 408"])
+async def test_the_unsent_tail_of_a_finished_answer_is_cut_after_the_send_timeout(
+    ending: str, start_backend: StartBackend, start_proxy: StartProxy
+) -> None:
+    """--send-timeout covers the tail of an answer, whatever its size: with the transport's
+    default 64 KiB high-water mark a smaller remainder never paused writing, so the handler
+    returned, no deadline ran, and a client that never reads held its connection for good
+    (behind "Connection: close", whose close waits for the buffer to drain, or behind a next
+    head that the head timeout answers with 408). Answers the kernel took whole are the
+    kernel's business: the proxy let go of those at once."""
+
+    async def sized(request: web.Request) -> web.Response:
+        return web.Response(body=b"t" * int(request.query["size"]))
+
+    app = web.Application()
+    app.router.add_get("/api/projects/{p}/workflows", sized)
+    backend = await start_backend(app)
+    # The 408 comes well before the send deadline, so force_close has run when it fires.
+    proxy = await start_proxy(backend.url, send_timeout=1.0, header_timeout=0.1)
+    connections = proxy.server.proxy_runner.server
+    assert connections is not None
+    close = ending == "close"
+    loop = asyncio.get_running_loop()
+    clients: list[asyncio.StreamWriter] = []
+    try:
+        for size in _TAIL_SIZES:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", proxy.server.proxy_port))
+            _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+            clients.append(writer)
+            writer.write(request(f"{_SIZED}?size={size}", close=close))
+        async with asyncio.timeout(10):
+            while len(proxy.audit_lines()) < len(_TAIL_SIZES):  # every handler has returned
+                await asyncio.sleep(0.02)
+        if not close:
+            for writer in clients:  # a next head that never ends: 408 after 0.1 s
+                writer.write(b"GET /api/org HTTP/1.1\r\n")
+        await asyncio.sleep(2.5)  # 2.5 x --send-timeout, the clients still reading nothing
+        held = len(connections.connections)
+    finally:
+        for writer in clients:
+            writer.close()
+    assert held == 0, f"{held} connections to clients that read nothing are still held"
+    other = await send_raw(proxy.server.proxy_port, request(_SIZED + "?size=10"))
+    assert other.status == 200
+
+
+@pytest.mark.both_loops
+async def test_the_send_timeout_outlives_aiohttps_force_close(
+    start_backend: StartBackend, start_proxy: StartProxy
+) -> None:
+    """aiohttp's force_close() (its keep-alive expiry, a 408, a cancelled handler) closes the
+    transport gracefully, which waits for unsent bytes, and then forgets it. The send
+    deadline must still abort that transport: here force_close runs on a connection whose
+    answer is stuck behind a client that reads nothing."""
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"f" * 8_000_000)
+
+    app = web.Application()
+    app.router.add_get(_SIZED, big)
+    backend = await start_backend(app)
+    proxy = await start_proxy(backend.url, send_timeout=1.0)
+    server = proxy.server.proxy_runner.server
+    assert server is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.server.proxy_port))
+    _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    try:
+        writer.write(request(_SIZED, close=False))
+        async with asyncio.timeout(10):
+            while not server.connections or not server.connections[0].transport:
+                await asyncio.sleep(0.02)
+            handler = server.connections[0]
+            while handler.transport is not None and not handler.transport.get_write_buffer_size():
+                await asyncio.sleep(0.02)  # until the answer is stuck behind the full socket
+        handler.force_close()
+        assert handler.transport is None
+        await asyncio.sleep(2.0)  # twice the send timeout
+        held = len(server.connections)
+    finally:
+        writer.close()
+    assert held == 0, "the stuck connection outlived --send-timeout"
+    lines = [json.loads(line) for line in proxy.audit_lines()]
+    assert lines[0]["status"] == 499
