@@ -566,8 +566,10 @@ async def forward_lean(
         )
         if answer is not None:
             # The common small answer: head and body in one write, no StreamResponse work.
-            await request.writer.write_eof(answer)
+            # The upstream answer is complete, so its connection goes back to the pool
+            # whatever the client then does (it may leave, or be cut by --send-timeout).
             clean = True
+            await request.writer.write_eof(answer)
             return _SentResponse(status=upstream.status, reason=upstream.reason), to_headers
         response = (_WholeRelayedResponse if whole else _RelayedResponse)(
             status=upstream.status, reason=_reason(upstream.reason)
@@ -583,6 +585,7 @@ async def forward_lean(
             response.enable_chunked_encoding()
         await response.prepare(request)
         if whole:
+            clean = True  # as above: the upstream side is done
             await response.write_eof(data)
         else:
             while chunk := await reader.readany():
@@ -595,8 +598,8 @@ async def forward_lean(
             request.transport.close()
         raise BrokenUpstream(response, f"upstream body: {exc}") from None
     finally:
-        # Reused only after a clean, complete exchange; a client that left (ConnectionError,
-        # cancellation) or a failure drops the upstream connection too.
+        # Reused only once the upstream answer was read whole; a client that left while it
+        # streamed (ConnectionError, cancellation) or a failure drops the upstream connection.
         if clean:
             upstream.release()
         else:

@@ -1,5 +1,6 @@
-"""The proxy port's connections: aiohttp's HTTP/1.1 protocol plus a request-head deadline and
-precise 400/414/431 answers to requests its parser refuses.
+"""The proxy port's connections: aiohttp's HTTP/1.1 protocol plus a request-head deadline, a
+send deadline (--send-timeout), a drain that keeps its bound, and precise 400/414/431
+answers to requests its parser refuses.
 
 aiohttp itself has no header-read deadline: a client sending one byte a second (slowloris)
 holds its connection until the keep-alive timer (75 s here) fires. And it answers every parse
@@ -163,6 +164,32 @@ class GuardedRequestHandler(RequestHandler):
                 ConnectionResetError("client did not read the response within --send-timeout")
             )
         self._socket.abort()
+
+    async def shutdown(self, timeout: float | None = 15.0) -> None:
+        # aiohttp waits `timeout` for a running handler, then "cancels" its request (which
+        # only fails a pending body read) and waits `timeout` again before cancelling the
+        # handler itself: a stream, a slow upstream or a client that reads nothing held the
+        # drain for twice --shutdown-timeout, past the supervisor's and Kubernetes' grace.
+        # Here the handler is cancelled when the first wait ends (it audits the exchange as
+        # cut, 499) and unsent bytes are dropped, so the drain keeps its documented bound.
+        task = self._task_handler  # private aiohttp state, read only: the connection's task
+        cut = None
+        if timeout is not None and task is not None and not task.done():
+            cut = self._loop.call_later(timeout, self._cut_for_shutdown)
+        try:
+            await super().shutdown(timeout)
+        finally:
+            if cut is not None:
+                cut.cancel()
+
+    def _cut_for_shutdown(self) -> None:
+        task = self._task_handler
+        if task is None or task.done():
+            return
+        log.debug("request still running when the drain ended: cut")
+        task.cancel()
+        if self._socket is not None and self._socket.get_write_buffer_size():
+            self._socket.abort()
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None

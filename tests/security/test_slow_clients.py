@@ -554,7 +554,7 @@ async def test_a_websocket_client_that_never_reads_is_cut_after_the_send_timeout
 
 
 # The last bytes of an answer: what the client's full socket cannot take once the handler has
-# written everything. The kernel takes a fixed amount per connection (about 2.2 MB here for a
+# written the rest. The kernel takes a fixed amount per connection (about 2.2 MB here for a
 # 2 KiB receive buffer), so answers of many sizes around it leave every remainder from a few
 # bytes up to well past 64 KiB (the transport's default high-water mark) in the proxy.
 _SIZED = "/api/projects/proj-prod/workflows"
@@ -562,28 +562,24 @@ _TAIL_SIZES = [1_600_000 + i * 20_000 for i in range(60)]  # 1.6 MB .. 2.78 MB
 
 
 @pytest.mark.both_loops
-@pytest.mark.parametrize("ending", ["close", "keep-alive then 408"])
-async def test_the_unsent_tail_of_a_finished_answer_is_cut_after_the_send_timeout(
-    ending: str, start_backend: StartBackend, start_proxy: StartProxy
+async def test_the_unsent_tail_of_an_answer_is_cut_after_the_send_timeout(
+    start_backend: StartBackend, start_proxy: StartProxy
 ) -> None:
     """--send-timeout covers the tail of an answer, whatever its size: with the transport's
     default 64 KiB high-water mark a smaller remainder never paused writing, so the handler
-    returned, no deadline ran, and a client that never reads held its connection for good
-    (behind "Connection: close", whose close waits for the buffer to drain, or behind a next
-    head that the head timeout answers with 408). Answers the kernel took whole are the
-    kernel's business: the proxy let go of those at once."""
+    returned (audited 200), no deadline ran, and behind "Connection: close" (whose close
+    waits for the buffer to drain) a client that read nothing held its connection for good.
+    Answers the kernel took whole are the kernel's business: the proxy lets go of those."""
 
     async def sized(request: web.Request) -> web.Response:
         return web.Response(body=b"t" * int(request.query["size"]))
 
     app = web.Application()
-    app.router.add_get("/api/projects/{p}/workflows", sized)
+    app.router.add_get(_SIZED, sized)
     backend = await start_backend(app)
-    # The 408 comes well before the send deadline, so force_close has run when it fires.
-    proxy = await start_proxy(backend.url, send_timeout=1.0, header_timeout=0.1)
+    proxy = await start_proxy(backend.url, send_timeout=0.5)
     connections = proxy.server.proxy_runner.server
     assert connections is not None
-    close = ending == "close"
     loop = asyncio.get_running_loop()
     clients: list[asyncio.StreamWriter] = []
     try:
@@ -594,19 +590,20 @@ async def test_the_unsent_tail_of_a_finished_answer_is_cut_after_the_send_timeou
             await loop.sock_connect(sock, ("127.0.0.1", proxy.server.proxy_port))
             _, writer = await asyncio.open_connection(sock=sock, limit=4096)
             clients.append(writer)
-            writer.write(request(f"{_SIZED}?size={size}", close=close))
+            writer.write(request(f"{_SIZED}?size={size}"))
         async with asyncio.timeout(10):
             while len(proxy.audit_lines()) < len(_TAIL_SIZES):  # every handler has returned
                 await asyncio.sleep(0.02)
-        if not close:
-            for writer in clients:  # a next head that never ends: 408 after 0.1 s
-                writer.write(b"GET /api/org HTTP/1.1\r\n")
-        await asyncio.sleep(2.5)  # 2.5 x --send-timeout, the clients still reading nothing
+        await asyncio.sleep(1.5)  # 3 x --send-timeout, the clients still reading nothing
         held = len(connections.connections)
     finally:
         for writer in clients:
             writer.close()
     assert held == 0, f"{held} connections to clients that read nothing are still held"
+    # The sizes straddle what the kernel holds: some answers fit whole (200), the rest were
+    # cut (499). Without both, this machine's buffers differ and the test proves nothing.
+    statuses = {json.loads(line)["status"] for line in proxy.audit_lines()}
+    assert statuses == {200, 499}, statuses
     other = await send_raw(proxy.server.proxy_port, request(_SIZED + "?size=10"))
     assert other.status == 200
 
