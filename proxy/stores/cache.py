@@ -127,7 +127,8 @@ class RoleCache:
         until = self._fresh_until(user_entry) if user_entry is not None else -1.0
         if project is not None:
             project_entry = hot.get(("project", project))
-            until = min(until, self._fresh_until(project_entry) if project_entry else -1.0)
+            project_until = -1.0 if project_entry is None else self._fresh_until(project_entry)
+            until = min(until, project_until)
         return until
 
     def _fresh_until(self, entry: _Entry) -> float:
