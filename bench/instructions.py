@@ -3,8 +3,9 @@
 Run: .venv/bin/python bench/instructions.py [--requests N] [--src DIR] [--only rbac|passthrough]
 
 Wall-clock figures on this shared 2-core machine move by ±30 % between runs; user-space
-instructions counted by `valgrind --tool=callgrind` repeat within about 0.2 %, so this is how
-one change to the hot path is judged (docs/benchmarks.md, "What each optimization bought").
+instructions counted by `valgrind --tool=callgrind` repeat within about 1.5 % (often 0.2 %),
+so this is how one change to the hot path is judged (docs/benchmarks.md, "What each
+optimization bought").
 
 Each target runs under callgrind with instrumentation off; after a warm-up (caches filled, the
 decision memo and pools warm) it is switched on for exactly N cache-hit requests
