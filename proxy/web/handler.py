@@ -111,6 +111,15 @@ class _Outcome:
     status: int = 0
 
 
+# A request cut while its decision waited (store, identity provider): not forwarded, and the
+# wait it was cut in is the store's or the IdP's, hence store_unavailable in metrics/audit.
+_CUT_UNDECIDED = Decision(
+    Reason.STORE_UNAVAILABLE,
+    False,
+    message="cut before the role store or identity provider answered",
+)
+
+
 class ProxyHandler:
     """The low-level aiohttp handler of the proxy port (no router: we match ourselves)."""
 
@@ -196,7 +205,13 @@ class ProxyHandler:
             elif target.segments == ("_rbac", "me"):
                 return await self._me(request, policy, rid)
             else:
-                outcome = await self._decide(request, policy, target, key)
+                try:
+                    outcome = await self._decide(request, policy, target, key)
+                except asyncio.CancelledError:
+                    # Cut before a decision (the client left, or the drain ended) while the
+                    # role store or the identity provider had not answered: audited anyway.
+                    outcome = _Outcome(_CUT_UNDECIDED, status=499)
+                    raise
             if not outcome.decision.forward:
                 return self._reject(outcome, rid)
             return await self._forward(request, target, outcome, rid)

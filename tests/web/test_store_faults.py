@@ -392,3 +392,50 @@ async def test_proxy_starts_unready_with_the_store_down_and_heals(
     await asyncio.sleep(READY_PING_TTL)
     assert await client.readyz() == 200
     assert (await wait_until_allowed(client, "alice")).status == 200
+
+
+@pytest.mark.parametrize("cut_by", ["the client leaving", "the drain ending"])
+async def test_a_request_cut_while_the_store_hangs_is_still_audited(
+    cut_by: str, backend: Backend, start_proxy: StartProxy, service: RoleService
+) -> None:
+    """A request cut before its decision, while the store has not answered, is counted and
+    audited (499, store_unavailable) like one cut later: the client may leave, or SIGTERM's
+    drain may end (--shutdown-timeout shorter than --store-timeout). Nothing is forwarded."""
+    proxy, guard = await start_against(
+        start_proxy, backend, service, store_timeout=10.0, shutdown_timeout=0.5
+    )
+    guard.failure_threshold = 1000
+    service.mode = "hanging"
+    before = len(backend.received)
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.proxy_port)
+    writer.write(b"GET /api/org HTTP/1.1\r\nHost: x\r\nX-User-Id: cold-cut\r\n\r\n")
+    await writer.drain()
+    deadline = time.monotonic() + 10
+    while service.lookups == 0 and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)  # the proxy now waits on the store for this request
+    assert service.lookups > 0
+    if cut_by == "the client leaving":
+        writer.close()
+        while not proxy.audit_lines() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+    else:
+        async with asyncio.timeout(10):
+            await proxy.server.drain_and_stop()
+        assert await reader.read() == b""  # cut, no answer
+        writer.close()
+    lines = [json.loads(line) for line in proxy.audit_lines()]
+    assert [(a["status"], a["reason"], a["decision"]) for a in lines] == [
+        (499, "store_unavailable", "deny")
+    ]
+    assert len(backend.received) == before
+    metrics = proxy.server.runtime.metrics
+    metrics.flush()  # counters are batched per loop iteration
+    counted = sum(
+        sample.value
+        for family in metrics.requests.collect()
+        for sample in family.samples
+        if sample.name.endswith("_total")
+        and sample.labels.get("reason") == "store_unavailable"
+        and sample.labels.get("code") == "499"
+    )
+    assert counted == 1
