@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
 from dataclasses import dataclass, field
 
 MAX_HEAD = 256 * 1024
@@ -262,3 +263,14 @@ def request(
     if close:
         out.append(b"Connection: close")
     return b"\r\n".join(out) + b"\r\n\r\n" + body
+
+
+async def open_non_reader(port: int) -> asyncio.StreamWriter:
+    """A connection to 127.0.0.1:port whose receive buffer is as small as the kernel allows
+    (2 KiB asked): with nothing read, the sender's socket fills after a fixed ~2 MB."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    return writer

@@ -8,13 +8,19 @@ import contextlib
 import json
 import logging
 import resource
-import socket
 
 import pytest
 from aiohttp import web
 
 from proxy.web.protocol import MAX_FIELD, MAX_HEADERS, MAX_TARGET
-from tests.security.harness import RawReply, Recorder, parse_statuses, request, send_raw
+from tests.security.harness import (
+    RawReply,
+    Recorder,
+    open_non_reader,
+    parse_statuses,
+    request,
+    send_raw,
+)
 from tests.web.conftest import Proxy, StartBackend, StartProxy
 
 HEAD_TIMEOUT = 0.5
@@ -580,15 +586,10 @@ async def test_the_unsent_tail_of_an_answer_is_cut_after_the_send_timeout(
     proxy = await start_proxy(backend.url, send_timeout=0.5)
     connections = proxy.server.proxy_runner.server
     assert connections is not None
-    loop = asyncio.get_running_loop()
     clients: list[asyncio.StreamWriter] = []
     try:
         for size in _TAIL_SIZES:
-            sock = socket.socket()
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-            sock.setblocking(False)
-            await loop.sock_connect(sock, ("127.0.0.1", proxy.server.proxy_port))
-            _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+            writer = await open_non_reader(proxy.server.proxy_port)
             clients.append(writer)
             writer.write(request(f"{_SIZED}?size={size}"))
         async with asyncio.timeout(10):
@@ -626,11 +627,7 @@ async def test_the_send_timeout_outlives_aiohttps_force_close(
     proxy = await start_proxy(backend.url, send_timeout=1.0)
     server = proxy.server.proxy_runner.server
     assert server is not None
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-    sock.setblocking(False)
-    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", proxy.server.proxy_port))
-    _, writer = await asyncio.open_connection(sock=sock, limit=4096)
+    writer = await open_non_reader(proxy.server.proxy_port)
     try:
         writer.write(request(_SIZED, close=False))
         async with asyncio.timeout(10):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import logging
 import os
@@ -19,9 +18,9 @@ from pathlib import Path
 import pytest
 from aiohttp import ClientSession, web
 
-from proxy.audit import AuditLog
 from proxy.settings import Settings
 from proxy.web.serve import Server, StartupError, build_runtime, free_port, start
+from tests.security.harness import open_non_reader
 from tests.web.conftest import (
     ROOT,
     SHIPPED_MEMBERS,
@@ -477,7 +476,7 @@ async def test_drain_lets_an_inflight_request_finish_and_readyz_turns_503(
 
 @pytest.mark.parametrize("stuck_on", ["a slow upstream", "a client that reads nothing"])
 async def test_drain_cuts_what_still_runs_when_the_shutdown_timeout_ends(
-    stuck_on: str, backend: Backend, tmp_path: Path
+    stuck_on: str, backend: Backend, start_proxy: StartProxy, tmp_path: Path
 ) -> None:
     """--shutdown-timeout bounds the drain. aiohttp alone waits that long, then cancels only
     a pending body read and waits as long again, so a request stuck on its upstream or on a
@@ -489,36 +488,24 @@ async def test_drain_cuts_what_still_runs_when_the_shutdown_timeout_ends(
     routes_file.write_text(
         routes_text() + "  - path: /_demo/bytes\n    methods: [GET]\n    permission: demo:use\n"
     )
-    settings = base_settings(backend.url, routes=str(routes_file), shutdown_timeout=timeout)
-    runtime = build_runtime(settings)
-    audit = io.StringIO()
-    runtime.audit = AuditLog(settings.audit, audit)
-    server: Server = await start(settings, runtime)
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
-    sock.setblocking(False)
-    loop = asyncio.get_running_loop()
+    proxy = await start_proxy(backend.url, routes=str(routes_file), shutdown_timeout=timeout)
     slow = stuck_on == "a slow upstream"
     target = "/_demo/slow?delay=6" if slow else "/_demo/bytes?n=64000000"
-    stopped = False
+    writer = await open_non_reader(proxy.server.proxy_port)
     try:
-        await loop.sock_connect(sock, ("127.0.0.1", server.proxy_port))
-        _, writer = await asyncio.open_connection(sock=sock, limit=4096)
         writer.write(f"GET {target} HTTP/1.1\r\nHost: x\r\nX-User-Id: bob\r\n\r\n".encode())
         path = target.partition("?")[0]
         await wait_for("the request to reach the backend", lambda: _saw(backend, path))
         await asyncio.sleep(0.5)  # the answer, if any, fills the client's socket
+        loop = asyncio.get_running_loop()
         started = loop.time()
         async with asyncio.timeout(WAIT):
-            await server.drain_and_stop()
-        stopped = True
+            await proxy.server.drain_and_stop()
         took = loop.time() - started
-        writer.close()
     finally:
-        if not stopped:
-            await server.drain_and_stop()
+        writer.close()
     assert took < 2 * timeout - 0.5, f"the drain took {took:.1f}s for --shutdown-timeout {timeout}"
-    lines = [json.loads(line) for line in audit.getvalue().splitlines()]
+    lines = [json.loads(line) for line in proxy.audit_lines()]
     assert [line["status"] for line in lines] == [499]
 
 
